@@ -1,0 +1,38 @@
+"""Builds kqfast's one extension.  KQFAST_BACKEND=auto|kqueue|epoll picks the poller; auto lets
+the preprocessor choose (kqueue on macOS/BSD, epoll on Linux).  kqueue on Linux builds
+against libkqueue, found with pkg-config."""
+import os
+import shlex
+import subprocess
+import sys
+
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+backend = os.environ.get("KQFAST_BACKEND", "auto")
+if backend not in ("auto", "kqueue", "epoll"):
+    sys.exit(f"KQFAST_BACKEND must be auto, kqueue or epoll, not {backend!r}")
+
+macros, compile_args, link_args = [], [], []
+if backend != "auto":
+    macros.append((f"KQFAST_USE_{backend.upper()}", "1"))
+if backend == "kqueue" and sys.platform.startswith("linux"):
+    try:
+        flags = subprocess.run(["pkg-config", "--cflags", "--libs", "libkqueue"],
+                               check=True, capture_output=True, text=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        sys.exit("KQFAST_BACKEND=kqueue on Linux needs libkqueue, and pkg-config cannot find "
+                 "it: build and install libkqueue (https://github.com/mheily/libkqueue) first")
+    for flag in shlex.split(flags):
+        (compile_args if flag.startswith("-I") else link_args).append(flag)
+
+extension = Extension(
+    "kqfast._core",
+    ["src/kqfast/_core.pyx", "src/kqfast/poller.c", "src/kqfast/netio.c"],
+    include_dirs=["src/kqfast"],
+    define_macros=macros,
+    extra_compile_args=["-O2", "-Wall", "-Wno-unused-function"] + compile_args,
+    extra_link_args=link_args,
+)
+
+setup(ext_modules=cythonize([extension], include_path=["src"]))

@@ -1,0 +1,95 @@
+"""kqfast-echo: the tutorial's line-echo server, production grade."""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+
+import kqfast
+from kqfast.echo import EchoProtocol, LineEchoProtocol
+from kqfast.server import Server, default_max_connections
+
+
+def _count(minimum: int):
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}")
+        return value
+    return parse
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError("must be a number of seconds, at least 0")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError("must be 0-65535 (0 picks a free port)")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="kqfast-echo",
+        description="Echo server on kqfast: line mode echoes every line until a blank one.")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind, or a Unix socket path (default 127.0.0.1)")
+    p.add_argument("--port", type=_port, default=8080, help="0 picks a free port (default 8080)")
+    p.add_argument("--mode", choices=("line", "raw"), default="line")
+    p.add_argument("--handler", choices=("native", "python"), default="native",
+                   help="native: in C without the GIL; python: the asyncio.Protocol API")
+    p.add_argument("--workers", type=_count(1), default=1, help="event loops (threads)")
+    p.add_argument("--backlog", type=_count(1), default=1024)
+    p.add_argument("--max-connections", type=_count(1), default=None,
+                   help="over it new clients are closed at once (default: what the fd limit "
+                        f"allows, here {default_max_connections()})")
+    p.add_argument("--max-line", type=_count(1), default=65536,
+                   help="longest line in bytes; a longer one closes its connection")
+    p.add_argument("--idle-timeout", type=_seconds, default=60.0,
+                   help="close clients silent this long; 0 disables (default 60)")
+    p.add_argument("--shutdown-timeout", type=_seconds, default=5.0,
+                   help="on SIGINT/SIGTERM, how long pending output may flush (default 5)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.handler == "native":
+        handler = kqfast.LINE_ECHO if args.mode == "line" else kqfast.ECHO
+    else:
+        handler = LineEchoProtocol if args.mode == "line" else EchoProtocol
+    try:
+        server = Server(handler, args.host, args.port, workers=args.workers,
+                        backlog=args.backlog, max_connections=args.max_connections,
+                        idle_timeout=args.idle_timeout, max_line=args.max_line)
+    except OSError as exc:
+        print(f"kqfast-echo: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+
+    def shut_down(signum, frame):
+        server.stop(args.shutdown_timeout)
+
+    signal.signal(signal.SIGINT, shut_down)
+    signal.signal(signal.SIGTERM, shut_down)
+    where = server.address if isinstance(server.address, str) else _host_port(*server.address)
+    print(f"kqfast-echo: listening on {where} (backend={kqfast.BACKEND}, handler={args.handler},"
+          f" mode={args.mode}, workers={args.workers})", file=sys.stderr, flush=True)
+    try:
+        server.serve_forever()
+    except OSError as exc:
+        print(f"kqfast-echo: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+#include "netio.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <time.h>
+#include <unistd.h>
+
+static int set_cloexec_nonblocking(int fd) {
+    int fl = fcntl(fd, F_GETFL);
+    if (fl < 0 || fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0) return -1;
+    return fcntl(fd, F_SETFD, FD_CLOEXEC);
+}
+
+static int new_socket(int family) {
+#ifdef SOCK_CLOEXEC
+    return socket(family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+#else
+    int fd = socket(family, SOCK_STREAM, 0);
+    if (fd >= 0 && set_cloexec_nonblocking(fd) < 0) {
+        int saved = errno;
+        close(fd);
+        errno = saved;
+        return -1;
+    }
+    return fd;
+#endif
+}
+
+static int listen_unix(const char *path, int backlog) {
+    struct sockaddr_un sa;
+    memset(&sa, 0, sizeof(sa));
+    sa.sun_family = AF_UNIX;
+    if (strlen(path) >= sizeof(sa.sun_path)) {
+        errno = ENAMETOOLONG;
+        return -1;
+    }
+    strcpy(sa.sun_path, path);
+    int fd = new_socket(AF_UNIX);
+    if (fd < 0) return -1;
+    if (bind(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0 || listen(fd, backlog) < 0) {
+        int saved = errno;
+        close(fd);
+        errno = saved;
+        return -1;
+    }
+    return fd;
+}
+
+int kq_listen(const char *host, int port, int backlog, int reuse_port, int *family) {
+    if (strchr(host, '/') != NULL) {
+        *family = AF_UNIX;
+        return listen_unix(host, backlog);
+    }
+    /* The address is parsed by the resolver, never copied by hand: the tutorial's bind copied
+     * the first 4 bytes of a 16-byte address and so listened on 0.0.0.0. */
+    struct addrinfo hints, *res;
+    char service[16];
+    memset(&hints, 0, sizeof(hints));
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV;
+    snprintf(service, sizeof(service), "%d", port);
+    if (getaddrinfo(host, service, &hints, &res) != 0) {
+        errno = EADDRNOTAVAIL;
+        return -1;
+    }
+    int fd = new_socket(res->ai_family), one = 1;
+    *family = res->ai_family;
+    if (fd < 0) goto fail;
+    /* SO_REUSEADDR lets a restarted server bind while old connections sit in TIME_WAIT. */
+    if (setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)) < 0) goto fail;
+    if (reuse_port) {
+#if defined(SO_REUSEPORT_LB)
+        /* FreeBSD: plain SO_REUSEPORT does not spread connections, the _LB variant does. */
+        if (setsockopt(fd, SOL_SOCKET, SO_REUSEPORT_LB, &one, sizeof(one)) < 0) goto fail;
+#elif defined(SO_REUSEPORT)
+        if (setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one)) < 0) goto fail;
+#else
+        errno = ENOPROTOOPT;
+        goto fail;
+#endif
+    }
+    /* "::" means IPv6 only, as in asyncio; a dual-stack server binds both explicitly. */
+    if (res->ai_family == AF_INET6 &&
+        setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one)) < 0)
+        goto fail;
+#ifdef SO_NOSIGPIPE
+    setsockopt(fd, SOL_SOCKET, SO_NOSIGPIPE, &one, sizeof(one));
+#endif
+    if (bind(fd, res->ai_addr, res->ai_addrlen) < 0 || listen(fd, backlog) < 0) goto fail;
+    freeaddrinfo(res);
+    return fd;
+fail:;
+    int saved = errno;
+    if (fd >= 0) close(fd);
+    freeaddrinfo(res);
+    errno = saved;
+    return -1;
+}
+
+int kq_accept(int listen_fd) {
+#if defined(__linux__) || defined(__FreeBSD__)
+    /* accept4 makes the fd non-blocking and close-on-exec atomically: Linux accepted sockets
+     * do not inherit O_NONBLOCK from the listener. */
+    return accept4(listen_fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+#else
+    int fd = accept(listen_fd, NULL, NULL);
+    if (fd >= 0 && set_cloexec_nonblocking(fd) < 0) {
+        int saved = errno;
+        close(fd);
+        errno = saved;
+        return -1;
+    }
+    return fd;
+#endif
+}
+
+int kq_prepare_accepted(int fd, int is_tcp) {
+    int one = 1;
+#ifdef SO_NOSIGPIPE
+    /* macOS has no MSG_NOSIGNAL; whether accepted sockets inherit this from the listener is
+     * not documented, so every socket gets it. */
+    if (setsockopt(fd, SOL_SOCKET, SO_NOSIGPIPE, &one, sizeof(one)) < 0) return -1;
+#endif
+    if (is_tcp && setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one)) < 0) return -1;
+    return 0;
+}
+
+ssize_t kq_send(int fd, const void *buf, size_t n) {
+#ifdef MSG_NOSIGNAL
+    return send(fd, buf, n, MSG_NOSIGNAL);
+#else
+    return send(fd, buf, n, 0);
+#endif
+}
+
+int kq_set_nonblocking(int fd) { return set_cloexec_nonblocking(fd); }
+
+void kq_abort_fd(int fd) {
+    struct linger hard = {1, 0};
+    setsockopt(fd, SOL_SOCKET, SO_LINGER, &hard, sizeof(hard));
+    close(fd);
+}
+
+int kq_open_reserve(void) { return open("/dev/null", O_RDONLY | O_CLOEXEC); }
+
+double kq_monotonic(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec / 1e9;
+}

@@ -1,0 +1,38 @@
+/* Socket helpers for the loop (Redis anet style): the few places where Linux and the BSDs
+ * differ (accept4, MSG_NOSIGNAL vs SO_NOSIGPIPE) are hidden here. */
+#ifndef KQFAST_NETIO_H
+#define KQFAST_NETIO_H
+
+#include <errno.h>
+#include <stddef.h>
+#include <sys/types.h>
+
+/* Creates a non-blocking, close-on-exec listening socket.  host is an IPv4 or IPv6 literal,
+ * a name to resolve, or (when it contains a '/') a Unix socket path.  Returns the fd, or -1
+ * with errno set (for a failed name lookup errno is EADDRNOTAVAIL).  *family gets the
+ * address family. */
+int kq_listen(const char *host, int port, int backlog, int reuse_port, int *family);
+/* Accepts one connection as a non-blocking, close-on-exec fd; -1 with errno as accept(2). */
+int kq_accept(int listen_fd);
+/* TCP_NODELAY for TCP, SO_NOSIGPIPE where it exists. */
+int kq_prepare_accepted(int fd, int is_tcp);
+/* send() that never raises SIGPIPE, whatever Python's SIGPIPE disposition is. */
+ssize_t kq_send(int fd, const void *buf, size_t n);
+int kq_set_nonblocking(int fd);
+/* Closes with an RST: SO_LINGER 0 drops unsent data instead of letting it drain. */
+void kq_abort_fd(int fd);
+/* An fd held in reserve for the EMFILE shed (see the loop's shed_at_fd_limit). */
+int kq_open_reserve(void);
+/* Seconds on a clock that never goes back. */
+double kq_monotonic(void);
+
+/* The call may be retried later: nothing is wrong with the socket. */
+static inline int kq_retry_later(int err) {
+    return err == EAGAIN || err == EWOULDBLOCK || err == EINTR;
+}
+
+/* Flags shared between the loop's thread and threads that ask it to stop or wake. */
+static inline int kq_load(int *flag) { return __atomic_load_n(flag, __ATOMIC_ACQUIRE); }
+static inline void kq_store(int *flag, int value) { __atomic_store_n(flag, value, __ATOMIC_RELEASE); }
+
+#endif

@@ -1,0 +1,63 @@
+# Declarations of the C this package calls: the poller contract and the socket API.
+from libc.stdint cimport uint32_t
+
+cdef extern from "<sys/types.h>" nogil:
+    ctypedef long ssize_t
+
+cdef extern from "poller.h" nogil:
+    enum:
+        KQ_READABLE
+        KQ_WRITABLE
+        KQ_HANGUP
+        KQ_ERROR
+    ctypedef struct kq_event:
+        int fd
+        int mask
+        int err
+    ctypedef struct kq_poller:
+        pass
+    kq_poller *kq_poller_create()
+    int kq_poller_set(kq_poller *p, int fd, int old_mask, int new_mask)
+    int kq_poller_wait(kq_poller *p, kq_event *out, int cap, int timeout_ms)
+    int kq_poller_wake(kq_poller *p)
+    void kq_poller_free(kq_poller *p)
+    const char kq_poller_backend[]
+
+cdef extern from "netio.h" nogil:
+    # Thin portability layer over accept4/MSG_NOSIGNAL/SO_NOSIGPIPE (see netio.h).
+    int kq_accept(int listen_fd)
+    ssize_t kq_send(int fd, const void *buf, size_t n)
+    int kq_prepare_accepted(int fd, int is_tcp)
+    int kq_listen(const char *host, int port, int backlog, int reuse_port, int *family)
+    int kq_set_nonblocking(int fd)
+    void kq_abort_fd(int fd)
+    int kq_open_reserve()
+    double kq_monotonic()
+    bint kq_retry_later(int err)
+    int kq_load(int *flag)
+    void kq_store(int *flag, int value)
+
+cdef extern from "<sys/socket.h>" nogil:
+    ssize_t recv(int fd, void *buf, size_t n, int flags)
+    int shutdown(int fd, int how)
+    int SHUT_WR
+    int AF_UNIX
+    int AF_INET
+    int AF_INET6
+
+cdef extern from "<string.h>" nogil:
+    void *memchr(const void *s, int c, size_t n)
+
+cdef extern from "<errno.h>" nogil:
+    int errno
+    enum:
+        EAGAIN
+        EWOULDBLOCK
+        EINTR
+        EMFILE
+        ENFILE
+        ENOBUFS
+        ENOMEM
+        ECONNABORTED
+        ETIMEDOUT
+        EADDRNOTAVAIL

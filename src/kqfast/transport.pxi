@@ -1,0 +1,247 @@
+# Python protocols on the nogil loop: the Transport handed to connection_made, and the Python
+# pass that turns a batch's records into protocol callbacks under one GIL acquisition.
+import asyncio as _asyncio
+
+
+class LineProtocol(_asyncio.Protocol):
+    """An asyncio.Protocol whose input is framed into lines in C: line_received(line) gets
+    each complete line with its b"\\n" (and a last line without one at EOF).  A line longer
+    than the server's max_line closes the connection."""
+
+    def line_received(self, line):
+        pass
+
+
+cdef object _errno_exception(int err):
+    return OSError(err, _os.strerror(err))
+
+
+cdef class Transport:
+    """asyncio's transport interface over one C connection of a Loop."""
+    cdef Loop loop
+    cdef int fd
+    cdef uint32_t gen
+    cdef readonly object protocol
+    cdef size_t high_water, low_water
+    cdef list stash  # data that arrived while reading was paused
+
+    def __init__(self):
+        raise TypeError("transports are made by the server")
+
+    cdef Conn *conn(self) noexcept:
+        return self.loop.live(self.fd, self.gen)
+
+    # -- writing --
+
+    def write(self, data):
+        """Sends at once what the socket takes; queues the rest."""
+        cdef Conn *c = self.conn()
+        cdef Py_buffer view
+        cdef ssize_t sent = 0
+        cdef size_t size
+        if c is NULL or c.flags & (C_CLOSING | C_LOST):
+            return
+        if c.flags & C_WRITE_EOF:
+            raise RuntimeError("cannot call write() after write_eof()")
+        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        try:
+            if view.len == 0:
+                return
+            if c.out is NULL:
+                sent = kq_send(self.fd, view.buf, view.len)
+                if sent < 0:
+                    if not kq_retry_later(errno):
+                        self.loop.lose(self.fd, _errno_exception(errno), True)
+                        return
+                    sent = 0
+                self.loop.bytes_out += sent
+                if sent == view.len:
+                    return
+            c.out = buf_append(c.out, <char *>view.buf + sent, view.len - sent)
+        finally:
+            PyBuffer_Release(&view)
+        if c.out is NULL or self.loop.set_mask(self.fd, c.mask | KQ_WRITABLE) < 0:
+            self.loop.lose(self.fd, _errno_exception(ENOMEM if c.out is NULL else errno), True)
+            return
+        size = c.out.end - c.out.start
+        if size > self.loop.max_output:
+            self.loop.lose(self.fd, OSError(ENOBUFS, f"output buffer over max_output "
+                                               f"({self.loop.max_output} bytes): the peer "
+                                               f"does not read"), True)
+        elif size >= self.high_water and not (c.flags & C_WRITE_PAUSED):
+            c.flags |= C_WRITE_PAUSED
+            self.protocol.pause_writing()
+
+    def writelines(self, list_of_data):
+        self.write(b"".join(list_of_data))
+
+    def write_eof(self):
+        """Shuts down the write side once the queued output has been sent."""
+        cdef Conn *c = self.conn()
+        if c is NULL or c.flags & (C_CLOSING | C_WRITE_EOF):
+            return
+        c.flags |= C_WRITE_EOF
+        if c.out is NULL:
+            shutdown(self.fd, SHUT_WR)
+            c.flags |= C_WRITE_SHUT
+
+    def can_write_eof(self):
+        return True
+
+    def get_write_buffer_size(self):
+        cdef Conn *c = self.conn()
+        return 0 if c is NULL else buf_len(c.out)
+
+    def set_write_buffer_limits(self, high=None, low=None):
+        if high is None:
+            high = 64 * 1024 if low is None else 4 * low
+        if low is None:
+            low = high // 4
+        if not high >= low >= 0:
+            raise ValueError(f"high ({high!r}) must be >= low ({low!r}) must be >= 0")
+        self.high_water, self.low_water = high, low
+
+    def get_write_buffer_limits(self):
+        return (self.low_water, self.high_water)
+
+    # -- reading --
+
+    def pause_reading(self):
+        cdef Conn *c = self.conn()
+        if c is NULL or c.flags & (C_READ_PAUSED | C_CLOSING):
+            return
+        c.flags |= C_READ_PAUSED
+        self.loop.set_mask(self.fd, c.mask & ~KQ_READABLE)
+
+    def resume_reading(self):
+        cdef Conn *c = self.conn()
+        if c is NULL or not (c.flags & C_READ_PAUSED):
+            return
+        c.flags &= ~C_READ_PAUSED
+        if not (c.flags & (C_EOF | C_CLOSING)):
+            self.loop.set_mask(self.fd, c.mask | KQ_READABLE)
+        if self.stash:
+            stash, self.stash = self.stash, None
+            for data in stash:
+                self.loop.ready.append((self.deliver, (data,)))
+            kq_store(&self.loop.calls_pending, 1)
+
+    def is_reading(self):
+        cdef Conn *c = self.conn()
+        return c is not NULL and not (c.flags & (C_READ_PAUSED | C_CLOSING | C_EOF))
+
+    # -- closing --
+
+    def close(self):
+        """Stops reading, flushes the queued output, then closes; connection_lost(None)
+        follows."""
+        cdef Conn *c = self.conn()
+        if c is NULL or c.flags & C_CLOSING:
+            return
+        c.flags |= C_CLOSING
+        self.loop.timer_push(self.fd, T_CLOSING)
+        if c.out is NULL:
+            self.loop.detach(self.fd, None)
+        else:
+            self.loop.set_mask(self.fd, KQ_WRITABLE)
+
+    def abort(self):
+        """Closes at once with a reset, dropping queued output."""
+        if self.conn() is not NULL:
+            self.loop.lose(self.fd, None, True)
+
+    def is_closing(self):
+        cdef Conn *c = self.conn()
+        return c is NULL or bool(c.flags & (C_CLOSING | C_LOST))
+
+    def get_extra_info(self, name, default=None):
+        import socket
+        if self.conn() is NULL or name not in ("peername", "sockname", "socket"):
+            return default
+        if name == "socket":
+            # A duplicate: the caller owns it, and closing it leaves the connection alone.
+            return socket.fromfd(self.fd, _family_of(self.fd), socket.SOCK_STREAM)
+        s = socket.socket(fileno=self.fd)
+        try:
+            return s.getpeername() if name == "peername" else s.getsockname()
+        finally:
+            s.detach()
+
+    # -- inbound dispatch, called by the Loop's Python pass --
+
+    cdef deliver(self, bytes data):
+        cdef Conn *c = self.conn()
+        if c is NULL or c.flags & C_CLOSING:
+            return
+        if c.flags & C_READ_PAUSED:
+            if self.stash is None:
+                self.stash = []
+            self.stash.append(data)
+        elif c.flags & C_LINE:
+            self.frame_lines(data)
+        else:
+            self.protocol.data_received(data)
+
+    cdef frame_lines(self, bytes data):
+        """Calls line_received for each complete line; keeps an incomplete one in C."""
+        cdef const char *s = PyBytes_AS_STRING(data)
+        cdef size_t n = len(data), pos = 0, length
+        cdef const char *nl
+        cdef Conn *c = self.conn()
+        cdef Buffer *p = c.partial
+        while pos < n:
+            nl = <const char *>memchr(s + pos, b'\n', n - pos)
+            length = (nl - (s + pos) + 1) if nl is not NULL else n - pos
+            if buf_len(p) + length > self.loop.max_line + (1 if nl is not NULL else 0):
+                self.close()
+                return
+            if nl is NULL:
+                c.partial = buf_append(p, s + pos, length)
+                if c.partial is NULL:
+                    self.loop.lose(self.fd, _errno_exception(ENOMEM), True)
+                return
+            if p is not NULL:
+                p = buf_append(p, s + pos, length)
+                c.partial = NULL
+                if p is NULL:
+                    self.loop.lose(self.fd, _errno_exception(ENOMEM), True)
+                    return
+                line = PyBytes_FromStringAndSize(buf_data(p) + p.start, p.end - p.start)
+                free(p)
+                p = NULL
+            else:
+                line = PyBytes_FromStringAndSize(s + pos, length)
+            pos += length
+            self.protocol.line_received(line)
+            c = self.conn()
+            if c is NULL or c.flags & C_CLOSING:
+                return
+            if c.flags & C_READ_PAUSED and pos < n:
+                self.stash = [data[pos:]]
+                return
+
+    cdef eof(self):
+        cdef Conn *c = self.conn()
+        cdef Buffer *p
+        if c is NULL:
+            return
+        p = c.partial
+        if p is not NULL and c.flags & C_LINE:
+            c.partial = NULL
+            line = PyBytes_FromStringAndSize(buf_data(p) + p.start, p.end - p.start)
+            free(p)
+            self.protocol.line_received(line)
+            if self.conn() is NULL:
+                return
+        if not self.protocol.eof_received():
+            self.close()
+
+
+cdef int _family_of(int fd) except -1:
+    import socket
+    s = socket.socket(fileno=fd)
+    try:
+        return s.family
+    finally:
+        s.detach()
+

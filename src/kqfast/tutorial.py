@@ -1,0 +1,88 @@
+"""The tutorial's EventLoop (seed/kqueue-tcp-server-tutorial.md), made correct: non-blocking
+client sockets, readiness for data and EOF alike, errors contained, Ctrl-C and a thread-safe
+stop()."""
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+import threading
+
+from kqfast._core import READABLE, Poller, Socket
+
+
+class EventLoop:
+    """Calls handler(conn) whenever a client of the listening Socket is readable."""
+
+    def __init__(self, sock: Socket):
+        self._sock = sock
+        self._poller = Poller()
+        self._poller.set(sock.fileno(), 0, READABLE)
+        self._clients: dict[int, Socket] = {}
+        self._stopping = False
+
+    def handle(self, handler) -> None:
+        """Blocks until stop().  conn.read(n) returns what is there and b"" at EOF; a client
+        the handler leaves open after EOF is closed for it (or it would stay readable)."""
+        self._stopping = False
+        wakeup = self._watch_signals()
+        try:
+            while not self._stopping:
+                for fd, _mask, _err in self._poller.wait(None):
+                    if fd == self._sock.fileno():
+                        self._accept()
+                    elif wakeup is not None and fd == wakeup[0].fileno():
+                        wakeup[0].recv(4096)  # Python runs the signal handlers on return
+                    elif fd in self._clients:
+                        self._serve(handler, self._clients[fd])
+        finally:
+            if wakeup is not None:
+                self._unwatch_signals(wakeup)
+            for conn in list(self._clients.values()):
+                conn.close()
+
+    def stop(self) -> None:
+        """Thread-safe: handle() returns soon."""
+        self._stopping = True
+        self._poller.wake()
+
+    def _accept(self) -> None:
+        while (conn := self._sock.accept()) is not None:
+            conn._owner = self
+            self._clients[conn.fileno()] = conn
+            self._poller.set(conn.fileno(), 0, READABLE)
+
+    def _serve(self, handler, conn: Socket) -> None:
+        try:
+            handler(conn)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception:
+            logging.getLogger("kqfast").exception("kqfast: handler failed; closing %s", conn)
+            conn.close()
+        if conn.at_eof:
+            conn.close()
+
+    def _forget(self, conn: Socket) -> None:
+        # Deregister before close: epoll would otherwise report a dup()ed description.
+        self._poller.set(conn.fileno(), READABLE, 0)
+        self._clients.pop(conn.fileno(), None)
+
+    def _watch_signals(self):
+        """Python's signal wakeup fd joins the poll set (main thread only), so Ctrl-C ends a
+        wait that the signal did not interrupt."""
+        if threading.current_thread() is not threading.main_thread():
+            return None
+        rsock, wsock = socket.socketpair()
+        rsock.setblocking(False)
+        wsock.setblocking(False)
+        old = signal.set_wakeup_fd(wsock.fileno(), warn_on_full_buffer=False)
+        self._poller.set(rsock.fileno(), 0, READABLE)
+        return rsock, wsock, old
+
+    def _unwatch_signals(self, wakeup) -> None:
+        rsock, wsock, old = wakeup
+        signal.set_wakeup_fd(old)
+        self._poller.set(rsock.fileno(), READABLE, 0)
+        rsock.close()
+        wsock.close()
