@@ -170,6 +170,12 @@ cdef class Loop:
     cdef char *rbuf
     cdef kq_event events[EVENT_CAP]
     cdef int listen_fd, listen_family, signal_fd
+    # Hand-off (where SO_REUSEPORT does not balance): the accepting loop writes each new fd
+    # into one loop's inbox pipe, round-robin; -1 in handoff_fds stands for itself.
+    cdef int inbox_r, inbox_w
+    cdef int *handoff_fds
+    cdef int nhandoff, next_handoff
+    cdef bint configured
     cdef int handler
     cdef size_t max_line, high_water, low_water, max_output
     cdef double idle_timeout, linger_timeout
@@ -192,7 +198,7 @@ cdef class Loop:
     cdef public object thread_ident
 
     def __cinit__(self):
-        self.listen_fd = self.signal_fd = self.reserve_fd = -1
+        self.listen_fd = self.signal_fd = self.reserve_fd = self.inbox_r = self.inbox_w = -1
         self.poller = kq_poller_create()
         if self.poller is NULL:
             PyErr_SetFromErrno(OSError)
@@ -218,10 +224,15 @@ cdef class Loop:
         free(self.rbuf)
         free(self.records)
         free(self.arena)
+        free(self.handoff_fds)
+        for fd in (self.inbox_r, self.inbox_w):
+            if fd >= 0:
+                c_close(fd)
 
     def configure(self, int listen_fd, int family, handler, *, max_line, high_water, low_water,
                   max_output, idle_timeout, linger_timeout, max_connections):
-        """Takes ownership of listen_fd and sets what serves its connections."""
+        """Takes ownership of listen_fd (-1: a loop fed only through its inbox) and sets what
+        serves its connections."""
         if handler is ECHO:
             self.handler = H_ECHO
         elif handler is LINE_ECHO:
@@ -242,8 +253,28 @@ cdef class Loop:
         self.listen_fd, self.listen_family = listen_fd, family
         # Held so that at the fd limit one slot can be freed to accept and shed a client.
         self.reserve_fd = kq_open_reserve()
-        if kq_poller_set(self.poller, listen_fd, 0, KQ_READABLE) < 0:
+        self.configured = True
+        if listen_fd >= 0 and kq_poller_set(self.poller, listen_fd, 0, KQ_READABLE) < 0:
             PyErr_SetFromErrno(OSError)
+
+    def open_inbox(self):
+        """Makes this loop a hand-off target: connections arrive as fds on a pipe."""
+        r, w = _os.pipe()  # close-on-exec, as every fd Python makes
+        _os.set_blocking(r, False)
+        _os.set_blocking(w, False)
+        self.inbox_r, self.inbox_w = r, w
+        if kq_poller_set(self.poller, r, 0, KQ_READABLE) < 0:
+            PyErr_SetFromErrno(OSError)
+
+    def hand_off_to(self, list loops):
+        """This (accepting) loop spreads its new connections over loops, round-robin."""
+        cdef Loop loop
+        self.handoff_fds = <int *>malloc(len(loops) * sizeof(int))
+        if self.handoff_fds is NULL:
+            raise MemoryError()
+        for i, loop in enumerate(loops):
+            self.handoff_fds[i] = -1 if loop is self else loop.inbox_w
+        self.nhandoff = len(loops)
 
     # ---- connection table ------------------------------------------------------------
 
@@ -599,18 +630,38 @@ cdef class Loop:
                 # ECONNABORTED and errors already pending on the new socket (Linux passes
                 # them through accept) concern that one client only.
                 continue
-            if fd >= self.nconns or <int>self.n_current >= self.max_connections:
-                self.n_rejected += 1
-                kq_abort_fd(fd)
-                continue
             kq_prepare_accepted(fd, self.listen_family != AF_UNIX)
-            self.open_conn(fd, C_PY if self.handler == H_PROTOCOL else 0)
-            if self.set_mask(fd, KQ_READABLE) < 0:
-                self.n_errors += 1
-                self.close_now(fd, True)
-                continue
-            if self.handler == H_PROTOCOL:
-                self.record(fd, R_MADE, 0, 0, 0)
+            if self.nhandoff == 0 or not self.hand_off(fd):
+                self.admit(fd)
+
+    cdef bint hand_off(self, int fd) noexcept nogil:
+        """Passes fd to the next loop's inbox; False when it is this loop's turn (or the
+        inbox is full), and this loop serves it."""
+        cdef int target = self.handoff_fds[self.next_handoff]
+        self.next_handoff = (self.next_handoff + 1) % self.nhandoff
+        return target >= 0 and kq_write_fd(target, fd) == 0
+
+    cdef void admit(self, int fd) noexcept nogil:
+        """Starts serving an accepted fd, or closes it at once when over the limits."""
+        if fd >= self.nconns or <int>self.n_current >= self.max_connections:
+            self.n_rejected += 1
+            kq_abort_fd(fd)
+            return
+        self.open_conn(fd, C_PY if self.handler == H_PROTOCOL else 0)
+        if self.set_mask(fd, KQ_READABLE) < 0:
+            self.n_errors += 1
+            self.close_now(fd, True)
+            return
+        if self.handler == H_PROTOCOL:
+            self.record(fd, R_MADE, 0, 0, 0)
+
+    cdef void admit_inbox(self) noexcept nogil:
+        cdef int fd
+        while self.nrecords < RECORD_CAP - 4:
+            fd = kq_read_fd(self.inbox_r)
+            if fd < 0:
+                return
+            self.admit(fd)
 
     cdef void shed_at_fd_limit(self) noexcept nogil:
         """Out of fds: the listener stays readable and a level-triggered loop would spin on
@@ -694,7 +745,7 @@ cdef class Loop:
     cdef void run_native(self) noexcept nogil:
         """Waits and serves until there is work for Python or the loop is done."""
         cdef int n, i, fd, mask
-        cdef bint accept_ready
+        cdef bint accept_ready, inbox_ready
         while True:
             if kq_load(&self.stop_requested) and not self.stopping:
                 self.begin_stop()
@@ -710,12 +761,15 @@ cdef class Loop:
                     self.wait_errno = errno
                 self.signal_pending = 1
                 return
-            accept_ready = False
+            accept_ready = inbox_ready = False
             for i in range(n):
                 fd = self.events[i].fd
                 mask = self.events[i].mask
                 if fd == self.listen_fd:
                     accept_ready = True
+                    continue
+                if fd == self.inbox_r:
+                    inbox_ready = True
                     continue
                 if fd == self.signal_fd:
                     while recv(fd, self.rbuf, READ_CHUNK, 0) > 0:
@@ -735,6 +789,8 @@ cdef class Loop:
             # client, and the batch's stale events for the old one must not reach it.
             if accept_ready and self.listen_fd >= 0:
                 self.accept_batch()
+            if inbox_ready:
+                self.admit_inbox()
             self.expire_timers()
             if self.nrecords or self.signal_pending or kq_load(&self.calls_pending):
                 return
@@ -747,7 +803,7 @@ cdef class Loop:
         if _os.getpid() != self.owner_pid:
             raise RuntimeError("this kqfast loop was created in another process (before "
                                "fork); create the server in the process that serves")
-        if self.listen_fd < 0 and not self.stopping:
+        if not self.configured or self.finished:
             raise RuntimeError("the loop is not configured or has already run")
         self.thread_ident = _threading.get_ident()
         old_wakeup = self.watch_signals()
@@ -796,6 +852,9 @@ cdef class Loop:
                 else:
                     self.close_now(fd, True)
         self.run_ready()
+        if self.inbox_r >= 0:
+            while (fd := kq_read_fd(self.inbox_r)) >= 0:
+                kq_abort_fd(fd)
         if self.reserve_fd >= 0:
             c_close(self.reserve_fd)
             self.reserve_fd = -1

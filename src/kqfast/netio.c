@@ -149,6 +149,15 @@ void kq_abort_fd(int fd) {
     close(fd);
 }
 
+int kq_write_fd(int pipe_fd, int fd) {
+    return write(pipe_fd, &fd, sizeof(fd)) == (ssize_t)sizeof(fd) ? 0 : -1;
+}
+
+int kq_read_fd(int pipe_fd) {
+    int fd;
+    return read(pipe_fd, &fd, sizeof(fd)) == (ssize_t)sizeof(fd) ? fd : -1;
+}
+
 int kq_open_reserve(void) { return open("/dev/null", O_RDONLY | O_CLOEXEC); }
 
 double kq_monotonic(void) {

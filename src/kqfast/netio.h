@@ -21,6 +21,10 @@ ssize_t kq_send(int fd, const void *buf, size_t n);
 int kq_set_nonblocking(int fd);
 /* Closes with an RST: SO_LINGER 0 drops unsent data instead of letting it drain. */
 void kq_abort_fd(int fd);
+/* Pass an accepted fd to another loop of this process through its inbox pipe: one int, which
+ * a pipe writes atomically.  kq_write_fd returns 0 or -1; kq_read_fd the fd or -1. */
+int kq_write_fd(int pipe_fd, int fd);
+int kq_read_fd(int pipe_fd);
 /* An fd held in reserve for the EMFILE shed (see the loop's shed_at_fd_limit). */
 int kq_open_reserve(void);
 /* Seconds on a clock that never goes back. */

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import resource
+import sys
 import threading
 
 from kqfast._core import Loop, _listen_fd
@@ -9,6 +10,13 @@ from kqfast._core import Loop, _listen_fd
 # fds kept back from max_connections for listeners, the poller, the reserve fd and the rest
 # of the process.
 _FD_HEADROOM = 32
+
+
+def default_balance() -> str:
+    """Linux and FreeBSD (SO_REUSEPORT_LB) spread connections over SO_REUSEPORT listeners;
+    elsewhere (macOS) every connection would go to one listener, so one loop accepts and
+    hands connections to the others."""
+    return "reuseport" if sys.platform.startswith(("linux", "freebsd")) else "handoff"
 
 
 def default_max_connections() -> int:
@@ -27,7 +35,11 @@ class Server:
                  backlog: int = 1024, max_connections: int | None = None,
                  idle_timeout: float | None = 60.0, max_line: int = 65536,
                  high_water: int = 65536, low_water: int = 16384, reuse_port: bool = False,
-                 max_output: int = 16 * 1024 * 1024, linger_timeout: float = 2.0):
+                 max_output: int = 16 * 1024 * 1024, linger_timeout: float = 2.0,
+                 balance: str | None = None):
+        balance = balance or default_balance()
+        if balance not in ("reuseport", "handoff"):
+            raise ValueError(f"balance must be 'reuseport' or 'handoff', not {balance!r}")
         if workers < 1:
             raise ValueError(f"workers must be at least 1, not {workers}")
         if max_line < 1:
@@ -46,17 +58,24 @@ class Server:
         self._loops: list[Loop] = []
         self._threads: list[threading.Thread] = []
         self._started = False
-        # Each loop owns one listener; several share the port through SO_REUSEPORT, and the
-        # kernel spreads new connections over them.
-        share_port = reuse_port or workers > 1
+        # With "reuseport" each loop owns a listener on the shared port and the kernel spreads
+        # new connections; with "handoff" the first loop owns the only listener.
+        per_loop_listener = balance == "reuseport"
+        share_port = reuse_port or (workers > 1 and per_loop_listener)
         try:
-            for _ in range(workers):
-                fd, family = _listen_fd(host, port, backlog, share_port)
+            for i in range(workers):
                 loop = Loop()
                 self._loops.append(loop)
+                if i == 0 or per_loop_listener:
+                    fd, family = _listen_fd(host, port, backlog, share_port)
+                    if port == 0:
+                        port = self._bound_address(fd, family)[1]
+                else:
+                    fd = -1
+                    loop.open_inbox()
                 loop.configure(fd, family, handler, **settings)
-                if port == 0:
-                    port = self._bound_address(fd, family)[1]
+            if workers > 1 and not per_loop_listener:
+                self._loops[0].hand_off_to(self._loops)
         except BaseException:
             for loop in self._loops:
                 loop.close()

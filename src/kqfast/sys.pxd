@@ -31,6 +31,8 @@ cdef extern from "netio.h" nogil:
     int kq_listen(const char *host, int port, int backlog, int reuse_port, int *family)
     int kq_set_nonblocking(int fd)
     void kq_abort_fd(int fd)
+    int kq_write_fd(int pipe_fd, int fd)
+    int kq_read_fd(int pipe_fd)
     int kq_open_reserve()
     double kq_monotonic()
     bint kq_retry_later(int err)
