@@ -744,8 +744,7 @@ cdef class Loop:
 
     cdef void run_native(self) noexcept nogil:
         """Waits and serves until there is work for Python or the loop is done."""
-        cdef int n, i, fd, mask
-        cdef bint accept_ready, inbox_ready
+        cdef int n
         while True:
             if kq_load(&self.stop_requested) and not self.stopping:
                 self.begin_stop()
@@ -761,39 +760,53 @@ cdef class Loop:
                     self.wait_errno = errno
                 self.signal_pending = 1
                 return
-            accept_ready = inbox_ready = False
-            for i in range(n):
-                fd = self.events[i].fd
-                mask = self.events[i].mask
-                if fd == self.listen_fd:
-                    accept_ready = True
-                    continue
-                if fd == self.inbox_r:
-                    inbox_ready = True
-                    continue
-                if fd == self.signal_fd:
-                    while recv(fd, self.rbuf, READ_CHUNK, 0) > 0:
-                        pass
-                    self.signal_pending = 1
-                    continue
-                if fd < 0 or fd >= self.nconns or not (self.conns[fd].flags & C_OPEN):
-                    continue  # closed earlier in this batch: its stale events are dropped
-                if mask & KQ_ERROR:
-                    self.fail(fd, self.events[i].err)
-                    continue
-                if mask & KQ_READABLE:
-                    self.on_readable(fd)
-                if mask & KQ_WRITABLE and self.conns[fd].flags & C_OPEN and self.conns[fd].mask & KQ_WRITABLE:
-                    self.on_writable(fd)
-            # Accept after the batch: a fd closed above may come back at once as a new
-            # client, and the batch's stale events for the old one must not reach it.
-            if accept_ready and self.listen_fd >= 0:
-                self.accept_batch()
-            if inbox_ready:
-                self.admit_inbox()
-            self.expire_timers()
+            self.handle_events(n)
             if self.nrecords or self.signal_pending or kq_load(&self.calls_pending):
                 return
+
+    cdef void handle_events(self, int n) noexcept nogil:
+        cdef int i, fd, mask
+        cdef bint accept_ready = False, inbox_ready = False
+        for i in range(n):
+            fd = self.events[i].fd
+            mask = self.events[i].mask
+            if fd == self.listen_fd:
+                accept_ready = True
+                continue
+            if fd == self.inbox_r:
+                inbox_ready = True
+                continue
+            if fd == self.signal_fd:
+                while recv(fd, self.rbuf, READ_CHUNK, 0) > 0:
+                    pass
+                self.signal_pending = 1
+                continue
+            if fd < 0 or fd >= self.nconns or not (self.conns[fd].flags & C_OPEN):
+                continue  # closed earlier in this batch: its stale events are dropped
+            if mask & KQ_ERROR:
+                self.fail(fd, self.events[i].err)
+                continue
+            if mask & KQ_READABLE:
+                self.on_readable(fd)
+            if mask & KQ_WRITABLE and self.conns[fd].flags & C_OPEN and self.conns[fd].mask & KQ_WRITABLE:
+                self.on_writable(fd)
+        # Accept after the batch: a fd closed above may come back at once as a new client,
+        # and the batch's stale events for the old one must not reach it.
+        if accept_ready and self.listen_fd >= 0:
+            self.accept_batch()
+        if inbox_ready:
+            self.admit_inbox()
+        self.expire_timers()
+
+    def _feed_events(self, list events):
+        """Test hook: handles [(fd, mask, err)] as if the poller had returned them, then
+        runs the Python pass.  Lets the fuzz tests send what a kernel rarely does."""
+        cdef int n = min(len(events), EVENT_CAP)
+        for i in range(n):
+            self.events[i].fd, self.events[i].mask, self.events[i].err = events[i]
+        self.now = kq_monotonic()
+        self.handle_events(n)
+        self.dispatch()
 
     # ---- Python side -----------------------------------------------------------------
 

@@ -80,10 +80,12 @@ int kq_listen(const char *host, int port, int backlog, int reuse_port, int *fami
 #if defined(SO_REUSEPORT_LB)
         /* FreeBSD: plain SO_REUSEPORT does not spread connections, the _LB variant does. */
         if (setsockopt(fd, SOL_SOCKET, SO_REUSEPORT_LB, &one, sizeof(one)) < 0) goto fail;
-#elif defined(SO_REUSEPORT)
+#elif defined(SO_REUSEPORT) && (defined(__linux__) || defined(__DragonFly__))
         if (setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one)) < 0) goto fail;
 #else
-        errno = ENOPROTOOPT;
+        /* macOS has SO_REUSEPORT, but it sends every connection to one socket: refuse, as
+         * libuv does, rather than pretend to balance. */
+        errno = ENOTSUP;
         goto fail;
 #endif
     }

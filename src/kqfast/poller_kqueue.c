@@ -17,6 +17,7 @@
 
 struct kq_poller {
     int kq;
+    pid_t owner;         /* a kqueue is not inherited by fork(): see kq_poller_free */
     volatile int woken;  /* coalesces wake-ups: only the 0 -> 1 transition triggers */
     int nchanges;
     /* Interest changes wait here and reach the kernel inside the kevent() call that waits:
@@ -32,6 +33,7 @@ kq_poller *kq_poller_create(void) {
     if (p == NULL) return NULL;
     /* A kqueue is not inherited across fork(), so there is no CLOEXEC to ask for. */
     p->kq = kqueue();
+    p->owner = getpid();
     if (p->kq < 0) {
         free(p);
         return NULL;
@@ -167,6 +169,8 @@ int kq_poller_wake(kq_poller *p) {
 
 void kq_poller_free(kq_poller *p) {
     if (p == NULL) return;
-    if (p->kq >= 0) close(p->kq);
+    /* In a forked child the number no longer names our kqueue and may name someone else's
+     * file by now (CPython #110395): leave it alone. */
+    if (p->kq >= 0 && getpid() == p->owner) close(p->kq);
     free(p);
 }
