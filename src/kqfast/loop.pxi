@@ -182,7 +182,7 @@ cdef class Loop:
     cdef int max_connections
     cdef double now, accept_resume_at, stop_deadline
     cdef TimerList timers[3]
-    cdef int stop_requested, stopping, finished, wait_errno
+    cdef int stop_requested, stopping, finished, wait_errno, wait_failures
     cdef int calls_pending, signal_pending
     cdef uint64_t n_current, n_total, n_rejected, n_timeouts, n_errors, bytes_in, bytes_out
     cdef int reserve_fd
@@ -758,8 +758,10 @@ cdef class Loop:
             if n < 0:
                 if errno != EINTR:
                     self.wait_errno = errno
+                    self.wait_failures += 1
                 self.signal_pending = 1
                 return
+            self.wait_failures = 0
             self.handle_events(n)
             if self.nrecords or self.signal_pending or kq_load(&self.calls_pending):
                 return
@@ -827,7 +829,7 @@ cdef class Loop:
                     self.run_native()
                 self.dispatch()
                 if self.wait_errno:
-                    raise OSError(self.wait_errno, _os.strerror(self.wait_errno))
+                    self.report_wait_error()
                 if self.pending_exc is not None:
                     break
         finally:
@@ -835,6 +837,14 @@ cdef class Loop:
         if self.pending_exc is not None:
             exc, self.pending_exc = self.pending_exc, None
             raise exc
+
+    cdef report_wait_error(self):
+        """A failed wait is logged and retried: kernels report errnos their manuals do not
+        list (Darwin's ETIMEDOUT).  Only a wait that keeps failing stops the loop."""
+        err, self.wait_errno = self.wait_errno, 0
+        if self.wait_failures >= 100:
+            raise OSError(err, f"the poller keeps failing: {_os.strerror(err)}")
+        _log.warning("kqfast: poller wait failed (%s); retrying", _os.strerror(err))
 
     cdef object watch_signals(self):
         """In the main thread, Python's signal wakeup fd joins the poll set, so Ctrl-C wakes
