@@ -1,4 +1,4 @@
-"""Builds kqfast's one extension.  KQFAST_BACKEND=auto|kqueue|epoll picks the poller; auto lets
+"""Builds kqfast's extensions.  KQFAST_BACKEND=auto|kqueue|epoll picks the poller; auto lets
 the preprocessor choose (kqueue on macOS/BSD, epoll on Linux).  kqueue on Linux builds
 against libkqueue, found with pkg-config."""
 import os
@@ -26,13 +26,20 @@ if backend == "kqueue" and sys.platform.startswith("linux"):
     for flag in shlex.split(flags):
         (compile_args if flag.startswith("-I") else link_args).append(flag)
 
-extension = Extension(
-    "kqfast._core",
-    ["src/kqfast/_core.pyx", "src/kqfast/poller.c", "src/kqfast/netio.c"],
-    include_dirs=["src/kqfast"],
-    define_macros=macros,
-    extra_compile_args=["-O2", "-Wall", "-Wno-unused-function"] + compile_args,
-    extra_link_args=link_args,
-)
 
-setup(ext_modules=cythonize([extension], include_path=["src"]))
+def extension(name: str, source: str) -> Extension:
+    """An extension module on the shared C core (the poller and the socket helpers)."""
+    return Extension(
+        name,
+        [source, "src/kqfast/poller.c", "src/kqfast/netio.c"],
+        include_dirs=["src/kqfast"],
+        define_macros=macros,
+        extra_compile_args=["-O2", "-Wall", "-Wno-unused-function"] + compile_args,
+        extra_link_args=link_args,
+    )
+
+
+# _core is the server; _bench is kqfast-bench's load generator.
+extensions = [extension("kqfast._core", "src/kqfast/_core.pyx"),
+              extension("kqfast._bench", "src/kqfast/bench_client.pyx")]
+setup(ext_modules=cythonize(extensions, include_path=["src"]))
