@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         client = LoadClient(host, args.target[1], args.connections, args.size, args.pipeline)
         connect_all(client, args.connect_timeout)
         connected = client.connected
-        if not connected:
+        if not client.opened:
             err = client.first_error
             why = os.strerror(err) if err else "timed out"
             raise OSError(err, f"no connection to {host}:{args.target[1]}: {why}")

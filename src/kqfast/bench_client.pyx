@@ -140,7 +140,7 @@ cdef class LoadClient:
     cdef const char *c_host
     cdef int port, nconns, pipeline
     cdef size_t size, period
-    cdef int next_to_start, connecting, open_count, dead_count
+    cdef int next_to_start, connecting, open_count, dead_count, ever_opened
     cdef uint64_t requests
     cdef uint64_t errors[E_KINDS]
     cdef int first_errno, wait_errno
@@ -272,6 +272,7 @@ cdef class LoadClient:
         c.state = S_OPEN
         self.connecting -= 1
         self.open_count += 1
+        self.ever_opened += 1
         for i in range(self.pipeline):
             c.stamps[i] = now
         c.queued = <uint64_t>self.pipeline * self.size
@@ -356,11 +357,11 @@ cdef class LoadClient:
         self.abort_all()
 
     def reset(self):
-        """Starts a new measurement: counts and latencies so far are dropped."""
+        """Starts a new measurement: requests and latencies so far are dropped.  Errors are
+        not: a wrong byte during the warm-up is as wrong as any other."""
         self.requests = 0
         memset(&self.total, 0, sizeof(Histogram))
         memset(&self.interval, 0, sizeof(Histogram))
-        memset(self.errors, 0, sizeof(self.errors))
 
     def take_interval(self):
         """Latency percentiles since the previous call (µs), and that window's count."""
@@ -384,6 +385,11 @@ cdef class LoadClient:
     @property
     def connected(self):
         return self.open_count
+
+    @property
+    def opened(self):
+        """Connections that were established at some point, open now or not."""
+        return self.ever_opened
 
     @property
     def pending(self):
