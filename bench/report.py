@@ -28,7 +28,7 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 def machine_line(results: dict) -> str:
     m, c = results["machine"], results["config"]
     return (f"{m['cpu']}, {m['cpus']} CPUs, {m['os']}, Python {m['python']}, kqfast "
-            f"{m['kqfast']}; {m['pinning']}; medians of {c['rounds']} interleaved round(s), "
+            f"{m['kqfast']} at {m['commit'] or 'an unknown commit'}; {m['pinning']}; medians of {c['rounds']} interleaved round(s), "
             f"{c['duration']:g} s measured after {c['warmup']:g} s of warm-up; load average at "
             f"start {', '.join(f'{x:.2f}' for x in m['load_average_at_start'])}; {m['date']}.")
 

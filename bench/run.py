@@ -14,6 +14,7 @@ import os
 import platform
 import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -64,6 +65,18 @@ def cpus() -> Cpus:
     return Cpus(usable[0], usable[1])
 
 
+def git_commit() -> str | None:
+    """The commit the servers were built from, "+dirty" when the tree differs from it."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, text=True,
+                              capture_output=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=HERE, text=True, capture_output=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+dirty" if dirty else "")
+
+
 def machine(where: Cpus, fd_limit: int) -> dict:
     model = platform.processor()
     try:
@@ -79,6 +92,7 @@ def machine(where: Cpus, fd_limit: int) -> dict:
         "os": platform.platform(),
         "python": platform.python_version(),
         "kqfast": f"{kqfast.__version__} ({kqfast.BACKEND})",
+        "commit": git_commit(),
         "pinning": ("none (fewer than 2 CPUs)" if where.server is None else
                     f"server on CPU {where.server}, kqfast-bench on CPU {where.client}"),
         "fd_limit": fd_limit,
