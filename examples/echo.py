@@ -1,0 +1,49 @@
+"""The smallest kqfast server: the tutorial's line echo, run in C without the GIL, or the same
+through an asyncio.Protocol.
+
+    python examples/echo.py               # native kqfast.LINE_ECHO on 127.0.0.1:8080
+    python examples/echo.py --python      # the Echo protocol below
+    nc 127.0.0.1 8080                     # type lines; a blank one closes
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from typing import cast
+
+import kqfast
+
+
+class Echo(asyncio.Protocol):
+    """Sends every byte back; kqfast flushes and closes at EOF."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.transport.write(data)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8080, help="0 picks a free port")
+    parser.add_argument("--python", action="store_true",
+                        help="serve through the Echo protocol instead of kqfast.LINE_ECHO")
+    args = parser.parse_args(argv)
+
+    handler = Echo if args.python else kqfast.LINE_ECHO
+    server = kqfast.Server(handler, args.host, args.port)
+    host, port = server.address
+    print(f"echo: listening on {host}:{port} (backend={kqfast.BACKEND})",
+          file=sys.stderr, flush=True)
+    try:
+        server.serve_forever()  # Ctrl-C stops it cleanly, then raises KeyboardInterrupt
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
