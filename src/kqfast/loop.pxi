@@ -233,6 +233,7 @@ cdef class Loop:
                   max_output, idle_timeout, linger_timeout, max_connections):
         """Takes ownership of listen_fd (-1: a loop fed only through its inbox) and sets what
         serves its connections."""
+        self.listen_fd, self.listen_family = listen_fd, family  # close() releases it
         if handler is ECHO:
             self.handler = H_ECHO
         elif handler is LINE_ECHO:
@@ -250,7 +251,6 @@ cdef class Loop:
         self.max_output = max_output
         self.idle_timeout, self.linger_timeout = idle_timeout, linger_timeout
         self.max_connections = max_connections
-        self.listen_fd, self.listen_family = listen_fd, family
         # Held so that at the fd limit one slot can be freed to accept and shed a client.
         self.reserve_fd = kq_open_reserve()
         self.configured = True
@@ -753,7 +753,9 @@ cdef class Loop:
             if self.stopping and (self.n_current == 0 or self.now >= self.stop_deadline):
                 self.finished = 1
                 return
-            n = kq_poller_wait(self.poller, self.events, EVENT_CAP, self.next_timeout_ms())
+            # Callbacks already scheduled must not wait for I/O: poll without blocking.
+            n = kq_poller_wait(self.poller, self.events, EVENT_CAP,
+                               0 if kq_load(&self.calls_pending) else self.next_timeout_ms())
             self.now = kq_monotonic()
             if n < 0:
                 if errno != EINTR:
@@ -1040,4 +1042,6 @@ cdef class Loop:
                 callback(*args)
             except BaseException as exc:
                 self.callback_failed(None, exc)
+        if self.ready:
+            kq_store(&self.calls_pending, 1)  # scheduled by the callbacks just run
 

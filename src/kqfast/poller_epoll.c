@@ -62,8 +62,12 @@ int kq_poller_wait(kq_poller *p, kq_event *out, int cap, int timeout_ms) {
         struct epoll_event *e = &p->events[i];
         if (e->data.fd == p->wakefd) {
             uint64_t drained;
-            p->woken = 0;
             while (read(p->wakefd, &drained, sizeof(drained)) > 0) {}
+            /* Clear only after draining: a wake() in between sees the flag still set and
+             * skips its write, which is fine because the loop checks for work after this
+             * wait.  Cleared before draining, the flag could stay set over an empty eventfd
+             * and every later wake() would be skipped. */
+            __atomic_store_n(&p->woken, 0, __ATOMIC_SEQ_CST);
             continue;
         }
         int mask = 0;

@@ -2,6 +2,7 @@
 #include "poller.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -97,6 +98,9 @@ int kq_poller_set(kq_poller *p, int fd, int old_mask, int new_mask) {
         if (old_mask & KQ_WRITABLE) queue_change(p, fd, EVFILT_WRITE, EV_DELETE);
         return submit_changes(p);
     }
+    /* The add reaches the kernel only with the next wait, where an EBADF could no longer be
+     * told from a delete's: check the fd now, as epoll_ctl would. */
+    if (old_mask == 0 && fcntl(fd, F_GETFD) < 0) return -1;
     /* Two filters, never OR-ed: EVFILT_READ | EVFILT_WRITE == EVFILT_READ. */
     int changed = old_mask ^ new_mask;
     if ((changed & KQ_READABLE) &&
@@ -139,7 +143,9 @@ int kq_poller_wait(kq_poller *p, kq_event *out, int cap, int timeout_ms) {
             continue;
         }
         if (e->filter == EVFILT_USER) {
-            p->woken = 0;
+            /* EV_CLEAR consumed the trigger; a wake() before this store is covered by the
+             * loop's check for work after the wait (see poller_epoll.c). */
+            __atomic_store_n(&p->woken, 0, __ATOMIC_SEQ_CST);
             continue;
         }
         int mask = e->filter == EVFILT_WRITE ? KQ_WRITABLE : KQ_READABLE;

@@ -23,8 +23,8 @@ class EventLoop:
 
     def handle(self, handler) -> None:
         """Blocks until stop().  conn.read(n) returns what is there and b"" at EOF; a client
-        the handler leaves open after EOF is closed for it (or it would stay readable)."""
-        self._stopping = False
+        the handler leaves open after EOF is closed for it (or it would stay readable).  A
+        stop() that came first (racing the thread that calls this) ends it at once."""
         wakeup = self._watch_signals()
         try:
             while not self._stopping:
@@ -36,6 +36,7 @@ class EventLoop:
                     elif fd in self._clients:
                         self._serve(handler, self._clients[fd])
         finally:
+            self._stopping = False
             if wakeup is not None:
                 self._unwatch_signals(wakeup)
             for conn in list(self._clients.values()):
