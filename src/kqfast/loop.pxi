@@ -447,7 +447,9 @@ cdef class Loop:
         r.fd, r.gen, r.kind, r.err, r.off, r.length = fd, self.conns[fd].gen, kind, err, off, length
         self.nrecords += 1
 
-    cdef void on_readable(self, int fd) noexcept nogil:
+    cdef void on_readable(self, int fd, int hangup_err) noexcept nogil:
+        """hangup_err: the socket error a kqueue EV_EOF carried.  libkqueue fetches it with
+        SO_ERROR, which clears it, so recv() then reports a plain EOF for a reset."""
         cdef Conn *c = &self.conns[fd]
         cdef ssize_t n
         cdef char *dst = self.rbuf
@@ -478,6 +480,8 @@ cdef class Loop:
                 self.echo_bytes(fd, dst, n)
             else:
                 self.echo_lines(fd, dst, n)
+        elif n == 0 and hangup_err:
+            self.fail(fd, hangup_err)
         elif n == 0:
             self.on_eof(fd)
         elif not kq_retry_later(errno):
@@ -791,7 +795,7 @@ cdef class Loop:
                 self.fail(fd, self.events[i].err)
                 continue
             if mask & KQ_READABLE:
-                self.on_readable(fd)
+                self.on_readable(fd, self.events[i].err)
             if mask & KQ_WRITABLE and self.conns[fd].flags & C_OPEN and self.conns[fd].mask & KQ_WRITABLE:
                 self.on_writable(fd)
         # Accept after the batch: a fd closed above may come back at once as a new client,
