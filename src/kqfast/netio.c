@@ -1,3 +1,5 @@
+/* accept4() and SOCK_NONBLOCK are GNU extensions on Linux. */
+#define _GNU_SOURCE
 #include "netio.h"
 
 #include <errno.h>
@@ -18,11 +20,8 @@ static int set_cloexec_nonblocking(int fd) {
     return fcntl(fd, F_SETFD, FD_CLOEXEC);
 }
 
-static int new_socket(int family) {
-#ifdef SOCK_CLOEXEC
-    return socket(family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-#else
-    int fd = socket(family, SOCK_STREAM, 0);
+/* Where the kernel cannot create an fd non-blocking and close-on-exec in one call (macOS). */
+static int cloexec_nonblocking_or_close(int fd) {
     if (fd >= 0 && set_cloexec_nonblocking(fd) < 0) {
         int saved = errno;
         close(fd);
@@ -30,6 +29,13 @@ static int new_socket(int family) {
         return -1;
     }
     return fd;
+}
+
+static int new_socket(int family) {
+#ifdef SOCK_CLOEXEC
+    return socket(family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+#else
+    return cloexec_nonblocking_or_close(socket(family, SOCK_STREAM, 0));
 #endif
 }
 
@@ -113,14 +119,7 @@ int kq_accept(int listen_fd) {
      * do not inherit O_NONBLOCK from the listener. */
     return accept4(listen_fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
 #else
-    int fd = accept(listen_fd, NULL, NULL);
-    if (fd >= 0 && set_cloexec_nonblocking(fd) < 0) {
-        int saved = errno;
-        close(fd);
-        errno = saved;
-        return -1;
-    }
-    return fd;
+    return cloexec_nonblocking_or_close(accept(listen_fd, NULL, NULL));
 #endif
 }
 
