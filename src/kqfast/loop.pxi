@@ -36,7 +36,11 @@ cdef enum:
     ACCEPT_PER_WAKE = 128       # fairness: a connect storm cannot starve served clients
     ARENA_SIZE = 1 << 20        # bytes read for Python handlers in one batch
     ARENA_MIN_ROOM = 16384
-    RECORD_CAP = 2048
+    RECORD_CAP = 4096
+    # Reads, accepts and timers, whose count per batch is unbounded, stop here; the rest of
+    # the array is kept for the at most 3 records that one event can add (a data, EOF or
+    # loss on the read side; resume plus closed or loss on the write side).
+    RECORD_SOFT_CAP = RECORD_CAP - 3 * EVENT_CAP
 
 # Handler kinds: what runs a connection's bytes.
 cdef enum:
@@ -463,7 +467,7 @@ cdef class Loop:
         if c.flags & (C_CLOSING | C_READ_PAUSED | C_LOST):
             return
         if c.flags & C_PY:
-            if ARENA_SIZE - self.arena_used < ARENA_MIN_ROOM or self.nrecords >= RECORD_CAP - 4:
+            if ARENA_SIZE - self.arena_used < ARENA_MIN_ROOM or self.nrecords >= RECORD_SOFT_CAP:
                 return  # level-triggered: the rest is read after this batch is dispatched
             dst = self.arena + self.arena_used
             room = ARENA_SIZE - self.arena_used
@@ -622,7 +626,7 @@ cdef class Loop:
     cdef void accept_batch(self) noexcept nogil:
         cdef int fd, i
         for i in range(ACCEPT_PER_WAKE):
-            if self.nrecords >= RECORD_CAP - 4:
+            if self.nrecords >= RECORD_SOFT_CAP:
                 return  # the listener stays readable; the rest waits for the next batch
             fd = kq_accept(self.listen_fd)
             if fd < 0:
@@ -661,7 +665,7 @@ cdef class Loop:
 
     cdef void admit_inbox(self) noexcept nogil:
         cdef int fd
-        while self.nrecords < RECORD_CAP - 4:
+        while self.nrecords < RECORD_SOFT_CAP:
             fd = kq_read_fd(self.inbox_r)
             if fd < 0:
                 return
@@ -710,7 +714,7 @@ cdef class Loop:
     cdef void expire_timers(self) noexcept nogil:
         cdef int fd
         cdef Conn *c
-        while self.timers[T_IDLE].head >= 0 and self.nrecords < RECORD_CAP - 4:
+        while self.timers[T_IDLE].head >= 0 and self.nrecords < RECORD_SOFT_CAP:
             fd = self.timers[T_IDLE].head
             c = &self.conns[fd]
             if c.active + self.idle_timeout > self.now:
@@ -723,7 +727,7 @@ cdef class Loop:
                 c.flags |= C_LOST
             else:
                 self.begin_close(fd)
-        while self.timers[T_CLOSING].head >= 0 and self.nrecords < RECORD_CAP - 4:
+        while self.timers[T_CLOSING].head >= 0 and self.nrecords < RECORD_SOFT_CAP:
             fd = self.timers[T_CLOSING].head
             c = &self.conns[fd]
             if c.active + self.linger_timeout > self.now:
