@@ -98,11 +98,22 @@ def gil_table(results: dict) -> list[str]:
     return _table(header, rows)
 
 
+def _quantity(value, unit: str) -> str:
+    if value is None:
+        return "—"
+    if unit == "ratio":
+        return f"{value:.2f}×"
+    if unit == "bytes":
+        return f"{value:,.0f} B"
+    return f"{value * 100:.0f}%" + (" (it got faster)" if value < 0 else "")
+
+
 def targets_table(results: dict) -> list[str]:
     rows = []
     for t in results["targets"]:
         verdict = {True: "met", False: "**missed**", None: "not measured"}[t["met"]]
-        rows.append([t["target"], _num(t["value"]), f"{t['op']} {t['limit']:g}", verdict])
+        rows.append([t["target"], _quantity(t["value"], t["unit"]),
+                     f"{t['op']} {_quantity(t['limit'], t['unit'])}", verdict])
     return _table(["target", "measured", "limit", ""], rows)
 
 
@@ -129,7 +140,10 @@ def markdown(results: dict) -> str:
     lines += ["## A spinning Python thread in the server's process", "",
               "The spinner shares the loop's CPU.  At nice 19 it holds the GIL but gets almost "
               "no CPU time, so what it costs is the GIL's cost alone; at nice 0 it also takes "
-              "its fair half of the CPU.  \"kept\" is req/s with the spinner ÷ without.", ""]
+              "its fair half of the CPU.  \"kept\" is req/s with the spinner ÷ without (a "
+              "median of per-round ratios); over 100% happens: a CPU kept busy never idles, so "
+              "the loop's wake-ups skip the idle state's exit latency.  The spinner's speed is "
+              "its spins per second under the load ÷ alone just before it.", ""]
     lines += gil_table(results)
     for name in results["charts"]:
         lines += [f"![{name}]({name})", ""]

@@ -203,23 +203,26 @@ def targets(results: dict) -> list[dict]:
     gil_rows = [r for r in results["gil"] if r["handler"] == "native" and r["workload"] == HEADLINE]
     kept = gil_rows[0]["kept_nice"] if gil_rows else None
     checks = [
-        ("kqfast ECHO user CPU/request ÷ C server's", ratios.get("native_vs_c_user"), "≤", 1.3),
-        ("kqfast ECHO total CPU/request ÷ C server's", ratios.get("native_vs_c_total"), "≤", 1.05),
+        ("kqfast ECHO user CPU/request ÷ C server's", ratios.get("native_vs_c_user"), "≤", 1.3,
+         "ratio"),
+        ("kqfast ECHO total CPU/request ÷ C server's", ratios.get("native_vs_c_total"), "≤", 1.05,
+         "ratio"),
         ("kqfast Protocol user CPU/request ÷ uvloop's", ratios.get("python_vs_uvloop_user"),
-         "≤", 0.5),
+         "≤", 0.5, "ratio"),
         ("kqfast Protocol total CPU/request ÷ uvloop's", ratios.get("python_vs_uvloop_total"),
-         "≤", 0.9),
-        ("kqfast ECHO idle memory, bytes/connection",
-         idle.get("kqfast-echo", {}).get("bytes_per_connection"), "≤", 64),
-        ("kqfast Protocol idle memory, bytes/connection",
-         idle.get("kqfast-python", {}).get("bytes_per_connection"), "≤", 400),
-        ("kqfast ECHO round trips lost to a spinning Python thread",
-         None if kept is None else 1 - kept, "<", 0.2),
+         "≤", 0.9, "ratio"),
+        ("kqfast ECHO memory per idle connection",
+         idle.get("kqfast-echo", {}).get("bytes_per_connection"), "≤", 64, "bytes"),
+        ("kqfast Protocol memory per idle connection",
+         idle.get("kqfast-python", {}).get("bytes_per_connection"), "≤", 400, "bytes"),
+        ("kqfast ECHO round trips lost to a spinning Python thread (nice 19)",
+         None if kept is None else 1 - kept, "<", 0.2, "fraction"),
     ]
     out = []
-    for name, value, op, limit in checks:
+    for name, value, op, limit, unit in checks:
         met = None if value is None else (value <= limit if op == "≤" else value < limit)
-        out.append({"target": name, "value": value, "op": op, "limit": limit, "met": met})
+        out.append({"target": name, "value": value, "op": op, "limit": limit, "unit": unit,
+                    "met": met})
     return out
 
 
