@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _make_server(args, port: int, reuse_port: bool) -> Server:
+    handler: object
     if args.handler == "native":
         handler = kqfast.LINE_ECHO if args.mode == "line" else kqfast.ECHO
     else:

@@ -36,12 +36,16 @@ class ProcessGroup:
     def start(self) -> bool:
         """Forks the children and returns once all are ready (True) or one failed (False)."""
         ready_r, ready_w = os.pipe()
+
+        def ready() -> None:
+            os.write(ready_w, b".")
+
         self.forward_signals()
         for _ in range(self.processes):
             pid = os.fork()
             if pid == 0:
                 os.close(ready_r)
-                self._child(lambda: os.write(ready_w, b"."))
+                self._child(ready)
             self.pids.append(pid)
         os.close(ready_w)
         ready = 0
