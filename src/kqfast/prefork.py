@@ -37,7 +37,7 @@ class ProcessGroup:
         """Forks the children and returns once all are ready (True) or one failed (False)."""
         ready_r, ready_w = os.pipe()
 
-        def ready() -> None:
+        def report_ready() -> None:
             os.write(ready_w, b".")
 
         self.forward_signals()
@@ -45,7 +45,7 @@ class ProcessGroup:
             pid = os.fork()
             if pid == 0:
                 os.close(ready_r)
-                self._child(ready)
+                self._child(report_ready)
             self.pids.append(pid)
         os.close(ready_w)
         ready = 0
