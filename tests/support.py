@@ -367,3 +367,29 @@ def server_fd(transport) -> int:
         dup.close()
     assert len(fds) == 1, fds
     return fds[0]
+
+
+def open_fds(pid: int | None = None) -> set[tuple[int, str]]:
+    """(fd, what it names) for every open fd of a process, from /proc; fds of /proc itself
+    (this listing's own) left out."""
+    fd_dir = f"/proc/{pid or os.getpid()}/fd"
+    found = set()
+    for name in os.listdir(fd_dir):
+        try:
+            link = os.readlink(f"{fd_dir}/{name}")
+        except FileNotFoundError:
+            continue  # closed while we looked
+        if not link.startswith("/proc/"):
+            found.add((int(name), link))
+    return found
+
+
+def new_fds(before: set[tuple[int, str]], pid: int | None = None) -> set[tuple[int, str]]:
+    """The fds open now that were not in the snapshot before (an fd closed meanwhile by
+    someone else does not hide a leak, as with counts).  On the kqueue backend libkqueue's
+    own anonymous fds, opened and closed lazily from its own thread, are left out."""
+    import kqfast
+    fresh = open_fds(pid) - before
+    if kqfast.BACKEND == "kqueue":
+        fresh = {(fd, link) for fd, link in fresh if not link.startswith("anon_inode:")}
+    return fresh

@@ -90,6 +90,7 @@ ctypedef struct Conn:
     int next
     unsigned short mask # interest registered with the poller
     unsigned char timer
+    int hangup_err      # a socket error that came with a hang-up, reported when input ends
     double active       # last progress, for the timer lists
     Buffer *out         # bytes the socket did not take yet
     Buffer *partial     # an incomplete line
@@ -341,6 +342,7 @@ cdef class Loop:
         cdef Conn *c = &self.conns[fd]
         c.flags = C_OPEN | flags
         c.mask = 0
+        c.hangup_err = 0
         c.out = c.partial = NULL
         c.transport = NULL
         c.timer = T_NONE
@@ -453,8 +455,11 @@ cdef class Loop:
 
     cdef void on_readable(self, int fd, int hangup_err) noexcept nogil:
         """hangup_err: the socket error a kqueue EV_EOF carried.  libkqueue fetches it with
-        SO_ERROR, which clears it, so recv() then reports a plain EOF for a reset."""
+        SO_ERROR, which clears it, so recv() would report a plain EOF for a reset: it is kept
+        until the input ends."""
         cdef Conn *c = &self.conns[fd]
+        if hangup_err:
+            c.hangup_err = hangup_err
         cdef ssize_t n
         cdef char *dst = self.rbuf
         cdef size_t room = READ_CHUNK
@@ -484,8 +489,8 @@ cdef class Loop:
                 self.echo_bytes(fd, dst, n)
             else:
                 self.echo_lines(fd, dst, n)
-        elif n == 0 and hangup_err:
-            self.fail(fd, hangup_err)
+        elif n == 0 and c.hangup_err:
+            self.fail(fd, c.hangup_err)
         elif n == 0:
             self.on_eof(fd)
         elif not kq_retry_later(errno):
@@ -902,8 +907,18 @@ cdef class Loop:
 
     def close(self):
         """Releases the listener and fds of a loop that will not run (again)."""
-        if not self.finished:
-            self.teardown(None)
+        if self.finished:
+            return
+        if _os.getpid() != self.owner_pid:
+            # A forked child shares the parent's epoll instance: deregistering anything would
+            # deregister it for the parent.  Closing the child's copies of the fds is enough.
+            for fd in (self.listen_fd, self.reserve_fd):
+                if fd >= 0:
+                    c_close(fd)
+            self.listen_fd = self.reserve_fd = -1
+            self.finished = 1
+            return
+        self.teardown(None)
 
     def request_stop(self, double timeout):
         """Thread-safe: stop accepting, let output flush for up to timeout seconds, close."""

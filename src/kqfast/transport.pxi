@@ -29,7 +29,12 @@ cdef class Transport:
         raise TypeError("transports are made by the server")
 
     cdef Conn *conn(self) noexcept:
-        return self.loop.live(self.fd, self.gen)
+        """The connection while this transport is attached to it; NULL once closed (a
+        closed connection may linger in C, detached, until the peer finishes)."""
+        cdef Conn *c = self.loop.live(self.fd, self.gen)
+        if c is NULL or c.transport != <PyObject *>self:
+            return NULL
+        return c
 
     # -- writing --
 
