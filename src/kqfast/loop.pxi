@@ -6,8 +6,10 @@ import logging as _logging
 import threading as _threading
 from collections import deque as _deque
 
+cimport cython
 from libc.stdint cimport uint32_t, uint64_t
 from libc.stdlib cimport malloc, calloc, realloc, free
+from libc.math cimport INFINITY
 from libc.string cimport memcpy, memmove
 from cpython.ref cimport PyObject, Py_INCREF, Py_DECREF
 from posix.resource cimport getrlimit, rlimit, RLIMIT_NOFILE
@@ -107,6 +109,11 @@ ctypedef struct Record:
 ctypedef struct TimerList:
     int head
     int tail
+    double timeout
+    # Activity moves a connection to the tail only when its stamp is at least this old, so a
+    # busy connection costs a list move per granule, not per read: a deadline may come
+    # early by at most one granule (1/64 of the timeout).
+    double granule
 
 
 cdef inline char *buf_data(Buffer *b) noexcept nogil:
@@ -167,6 +174,9 @@ cdef int fd_table_size() noexcept:
     return <int>lim.rlim_cur
 
 
+# final: the nogil methods are called directly (no vtable), so the C compiler can inline
+# the hot path's small steps.
+@cython.final
 cdef class Loop:
     """One event loop: a poller, a listening socket and the connections it accepted."""
     cdef kq_poller *poller
@@ -183,7 +193,6 @@ cdef class Loop:
     cdef bint configured
     cdef int handler
     cdef size_t max_line, high_water, low_water, max_output
-    cdef double idle_timeout, linger_timeout
     cdef int max_connections
     cdef double now, accept_resume_at, stop_deadline
     cdef TimerList timers[3]
@@ -216,6 +225,7 @@ cdef class Loop:
             raise MemoryError()
         for i in range(3):
             self.timers[i].head = self.timers[i].tail = -1
+        self.timers[T_NONE].granule = INFINITY  # off every list: activity moves nothing
         self.ready = _deque()
         self.owner_pid = _os.getpid()
 
@@ -254,7 +264,10 @@ cdef class Loop:
                             f"factory, not {handler!r}")
         self.max_line, self.high_water, self.low_water = max_line, high_water, low_water
         self.max_output = max_output
-        self.idle_timeout, self.linger_timeout = idle_timeout, linger_timeout
+        self.timers[T_IDLE].timeout = idle_timeout
+        self.timers[T_CLOSING].timeout = linger_timeout
+        for i in (T_IDLE, T_CLOSING):
+            self.timers[i].granule = self.timers[i].timeout / 64
         self.max_connections = max_connections
         # Held so that at the fd limit one slot can be freed to accept and shed a client.
         self.reserve_fd = kq_open_reserve()
@@ -291,7 +304,7 @@ cdef class Loop:
             return NULL
         return c
 
-    cdef int set_mask(self, int fd, int mask) noexcept nogil:
+    cdef inline int set_mask(self, int fd, int mask) noexcept nogil:
         cdef Conn *c = &self.conns[fd]
         if c.mask == mask:
             return 0
@@ -321,7 +334,7 @@ cdef class Loop:
         cdef TimerList *t = &self.timers[which]
         self.timer_unlink(fd)
         c.active = self.now
-        if which == T_IDLE and self.idle_timeout <= 0:
+        if which == T_IDLE and self.timers[T_IDLE].timeout <= 0:
             return
         c.timer = which
         c.prev, c.next = t.tail, -1
@@ -333,10 +346,8 @@ cdef class Loop:
 
     cdef inline void touch(self, int fd) noexcept nogil:
         cdef Conn *c = &self.conns[fd]
-        if c.timer != T_NONE and c.next >= 0:
+        if self.now - c.active >= self.timers[c.timer].granule:
             self.timer_push(fd, c.timer)
-        else:
-            c.active = self.now
 
     cdef void open_conn(self, int fd, uint32_t flags) noexcept nogil:
         cdef Conn *c = &self.conns[fd]
@@ -388,7 +399,7 @@ cdef class Loop:
             c.out = NULL
         return 0
 
-    cdef int emit(self, int fd, const char *data, size_t n) noexcept nogil:
+    cdef inline int emit(self, int fd, const char *data, size_t n) noexcept nogil:
         """Sends at once when nothing is queued, queues the rest and asks for write
         readiness; returns 0, or an errno when the connection failed."""
         cdef Conn *c = &self.conns[fd]
@@ -453,7 +464,7 @@ cdef class Loop:
         r.fd, r.gen, r.kind, r.err, r.off, r.length = fd, self.conns[fd].gen, kind, err, off, length
         self.nrecords += 1
 
-    cdef void on_readable(self, int fd, int hangup_err) noexcept nogil:
+    cdef inline void on_readable(self, int fd, int hangup_err) noexcept nogil:
         """hangup_err: the socket error a kqueue EV_EOF carried.  libkqueue fetches it with
         SO_ERROR, which clears it, so recv() would report a plain EOF for a reset: it is kept
         until the input ends."""
@@ -520,7 +531,7 @@ cdef class Loop:
             free(p)
         self.begin_close(fd)
 
-    cdef void after_emit(self, int fd, int err) noexcept nogil:
+    cdef inline void after_emit(self, int fd, int err) noexcept nogil:
         """Native echo backpressure: a peer that does not read stops being read from."""
         cdef Conn *c = &self.conns[fd]
         if err:
@@ -530,7 +541,7 @@ cdef class Loop:
             if self.set_mask(fd, c.mask & ~KQ_READABLE) < 0:
                 self.fail(fd, errno)
 
-    cdef void echo_bytes(self, int fd, const char *data, size_t n) noexcept nogil:
+    cdef inline void echo_bytes(self, int fd, const char *data, size_t n) noexcept nogil:
         self.after_emit(fd, self.emit(fd, data, n))
 
     cdef void echo_lines(self, int fd, const char *data, size_t n) noexcept nogil:
@@ -701,10 +712,10 @@ cdef class Loop:
         cdef int h
         h = self.timers[T_IDLE].head
         if h >= 0:
-            deadline = self.conns[h].active + self.idle_timeout
+            deadline = self.conns[h].active + self.timers[T_IDLE].timeout
         h = self.timers[T_CLOSING].head
         if h >= 0:
-            d = self.conns[h].active + self.linger_timeout
+            d = self.conns[h].active + self.timers[T_CLOSING].timeout
             if deadline < 0 or d < deadline:
                 deadline = d
         if self.accept_resume_at > 0 and (deadline < 0 or self.accept_resume_at < deadline):
@@ -722,7 +733,7 @@ cdef class Loop:
         while self.timers[T_IDLE].head >= 0 and self.nrecords < RECORD_SOFT_CAP:
             fd = self.timers[T_IDLE].head
             c = &self.conns[fd]
-            if c.active + self.idle_timeout > self.now:
+            if c.active + self.timers[T_IDLE].timeout > self.now:
                 break
             self.n_timeouts += 1
             if c.flags & C_PY:
@@ -735,7 +746,7 @@ cdef class Loop:
         while self.timers[T_CLOSING].head >= 0 and self.nrecords < RECORD_SOFT_CAP:
             fd = self.timers[T_CLOSING].head
             c = &self.conns[fd]
-            if c.active + self.linger_timeout > self.now:
+            if c.active + self.timers[T_CLOSING].timeout > self.now:
                 break
             # A closing peer that neither reads nor closes: give up on it.
             self.fail(fd, ETIMEDOUT)

@@ -134,14 +134,6 @@ int kq_prepare_accepted(int fd, int is_tcp) {
     return 0;
 }
 
-ssize_t kq_send(int fd, const void *buf, size_t n) {
-#ifdef MSG_NOSIGNAL
-    return send(fd, buf, n, MSG_NOSIGNAL);
-#else
-    return send(fd, buf, n, 0);
-#endif
-}
-
 int kq_set_nonblocking(int fd) { return set_cloexec_nonblocking(fd); }
 
 void kq_abort_fd(int fd) {

@@ -16,6 +16,7 @@ cdef object _errno_exception(int err):
     return OSError(err, _os.strerror(err))
 
 
+@cython.final
 cdef class Transport:
     """asyncio's transport interface over one C connection of a Loop."""
     cdef Loop loop
