@@ -29,7 +29,7 @@ cdef class Transport:
     def __init__(self):
         raise TypeError("transports are made by the server")
 
-    cdef Conn *conn(self) noexcept:
+    cdef inline Conn *conn(self) noexcept:
         """The connection while this transport is attached to it; NULL once closed (a
         closed connection may linger in C, detached, until the peer finishes)."""
         cdef Conn *c = self.loop.live(self.fd, self.gen)
