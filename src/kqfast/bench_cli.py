@@ -130,6 +130,7 @@ def report(args, connected: int, client: LoadClient, elapsed: float, user: float
         "latency_us": client.latency(),
         "errors": sum(errors.values()),
         "error_kinds": errors,
+        "first_error": os.strerror(client.first_error) if client.first_error else None,
         "client_cpu": {
             "user_s": user,
             "system_s": system,
@@ -147,7 +148,8 @@ def print_summary(r: dict) -> None:
     print("  latency    " + "  ".join(f"{k} {lat[k]:,.1f}" for k in
                                       ("p50", "p90", "p99", "p99.9", "max")) + " µs")
     kinds = ", ".join(f"{k} {v}" for k, v in r["error_kinds"].items() if v)
-    print(f"  errors     {r['errors']}" + (f" ({kinds})" if kinds else ""))
+    print(f"  errors     {r['errors']}" + (f" ({kinds})" if kinds else "")
+          + (f"; first: {r['first_error']}" if r["first_error"] else ""))
     if r["requests"]:
         print(f"  client CPU {cpu['user_us_per_request']:.2f} user + "
               f"{cpu['system_us_per_request']:.2f} system µs/request")

@@ -21,7 +21,11 @@ cdef extern from *:
 cdef enum:
     READ_CHUNK = 65536
     EVENT_CAP = 256
-    CONNECT_WINDOW = 256    # connects in progress at once: a 10k storm would overflow backlogs
+    # Connections started but not yet answered once.  A connect completes when the server's
+    # kernel queues it, not when the server accepts it; only the first echo proves that.  So
+    # the window bounds the server's accept queue too, which a 10k storm would overflow
+    # (SYN cookies, then resets) on a server that accepts slowly while it serves.
+    CONNECT_WINDOW = 256
     PATTERN_PERIOD = 26     # messages before a connection's byte pattern repeats
 
 # Latency histogram: exact below 128 ns, then 64 sub-buckets per power of two (<1.6% error).
@@ -52,6 +56,7 @@ ctypedef struct Conn:
     int fd
     int state
     int mask
+    int answered        # the first echo came back: the server has accepted it
     uint32_t phase      # where this connection's stream starts in the pattern
     uint64_t queued     # bytes of the stream due so far (sent + not yet taken by the kernel)
     uint64_t sent
@@ -140,7 +145,7 @@ cdef class LoadClient:
     cdef const char *c_host
     cdef int port, nconns, pipeline
     cdef size_t size, period
-    cdef int next_to_start, connecting, open_count, dead_count, ever_opened
+    cdef int next_to_start, in_window, open_count, dead_count, ever_opened
     cdef uint64_t requests
     cdef uint64_t errors[E_KINDS]
     cdef int first_errno, wait_errno
@@ -202,9 +207,9 @@ cdef class LoadClient:
         self.errors[kind] += 1
         if self.first_errno == 0 and err:
             self.first_errno = err
-        if c.state == S_CONNECTING:
-            self.connecting -= 1
-        elif c.state == S_OPEN:
+        if c.state == S_CONNECTING or (c.state == S_OPEN and not c.answered):
+            self.in_window -= 1
+        if c.state == S_OPEN:
             self.open_count -= 1
         if c.fd >= 0:
             kq_poller_set(self.poller, c.fd, c.mask, 0)  # deregister, then close
@@ -252,7 +257,7 @@ cdef class LoadClient:
         cdef Conn *c = &self.conns[i]
         c.fd = kq_connect(self.c_host, self.port)
         c.state = S_CONNECTING
-        self.connecting += 1
+        self.in_window += 1
         if c.fd >= self.fd_cap:
             c_close(c.fd)
             c.fd = -1
@@ -270,7 +275,6 @@ cdef class LoadClient:
             self.kill(c, E_CONNECT, err)
             return
         c.state = S_OPEN
-        self.connecting -= 1
         self.open_count += 1
         self.ever_opened += 1
         for i in range(self.pipeline):
@@ -295,6 +299,9 @@ cdef class LoadClient:
         c.received += n
         if c.received // self.size == done:
             return
+        if not c.answered:
+            c.answered = 1
+            self.in_window -= 1
         # Each completed message is a round trip: count it, and send the next in its place.
         now = now_ns()
         while done < c.received // self.size:
@@ -309,7 +316,7 @@ cdef class LoadClient:
     # ---- the loop ----------------------------------------------------------------------
 
     cdef void fill_connect_window(self) noexcept nogil:
-        while self.next_to_start < self.nconns and self.connecting < CONNECT_WINDOW:
+        while self.next_to_start < self.nconns and self.in_window < CONNECT_WINDOW:
             self.start(self.next_to_start)
             self.next_to_start += 1
 
