@@ -105,7 +105,6 @@ class Transport:
 class Loop:
     """One event loop (internal: kqfast.Server builds and drives these)."""
 
-    thread_ident: int | None
     @property
     def listen_fileno(self) -> int: ...
     def configure(

@@ -209,7 +209,6 @@ cdef class Loop:
     cdef object factory
     cdef object ready
     cdef object pending_exc
-    cdef public object thread_ident
 
     def __cinit__(self):
         self.listen_fd = self.signal_fd = self.reserve_fd = self.inbox_r = self.inbox_w = -1
@@ -846,7 +845,6 @@ cdef class Loop:
                                "fork); create the server in the process that serves")
         if not self.configured or self.finished:
             raise RuntimeError("the loop is not configured or has already run")
-        self.thread_ident = _threading.get_ident()
         old_wakeup = self.watch_signals()
         self.now = kq_monotonic()
         try:

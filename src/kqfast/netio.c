@@ -134,8 +134,6 @@ int kq_prepare_accepted(int fd, int is_tcp) {
     return 0;
 }
 
-int kq_set_nonblocking(int fd) { return set_cloexec_nonblocking(fd); }
-
 void kq_abort_fd(int fd) {
     struct linger hard = {1, 0};
     setsockopt(fd, SOL_SOCKET, SO_LINGER, &hard, sizeof(hard));

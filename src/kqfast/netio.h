@@ -33,7 +33,6 @@ static inline ssize_t kq_send(int fd, const void *buf, size_t n) {
     return send(fd, buf, n, 0);
 #endif
 }
-int kq_set_nonblocking(int fd);
 /* Closes with an RST: SO_LINGER 0 drops unsent data instead of letting it drain. */
 void kq_abort_fd(int fd);
 /* Pass an accepted fd to another loop of this process through its inbox pipe: one int, which

@@ -31,7 +31,6 @@ cdef extern from "netio.h" nogil:
     int kq_listen(const char *host, int port, int backlog, int reuse_port, int *family)
     int kq_connect(const char *host, int port)
     int kq_socket_error(int fd)
-    int kq_set_nonblocking(int fd)
     void kq_abort_fd(int fd)
     int kq_write_fd(int pipe_fd, int fd)
     int kq_read_fd(int pipe_fd)

@@ -166,7 +166,7 @@ cdef class Transport:
             return default
         if name == "socket":
             # A duplicate: the caller owns it, and closing it leaves the connection alone.
-            return socket.fromfd(self.fd, _family_of(self.fd), socket.SOCK_STREAM)
+            return socket.fromfd(self.fd, self.loop.listen_family, socket.SOCK_STREAM)
         s = socket.socket(fileno=self.fd)
         try:
             return s.getpeername() if name == "peername" else s.getsockname()
@@ -241,13 +241,3 @@ cdef class Transport:
                 return
         if not self.protocol.eof_received():
             self.close()
-
-
-cdef int _family_of(int fd) except -1:
-    import socket
-    s = socket.socket(fileno=fd)
-    try:
-        return s.family
-    finally:
-        s.detach()
-
