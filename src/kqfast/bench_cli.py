@@ -76,6 +76,7 @@ def resolve(host: str, port: int) -> str:
 
 
 def connect_all(client: LoadClient, timeout: float) -> None:
+    """Runs until every connection is open or has failed, or the timeout passes."""
     deadline = time.monotonic() + timeout
     while client.pending and time.monotonic() < deadline:
         client.run(0.05)
