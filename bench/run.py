@@ -245,6 +245,7 @@ def main() -> int:
 
     fd_limit = raise_fd_limit()
     where = cpus()
+    host = machine(where, fd_limit)  # before the runs: the load average is the machine's own
     work = tempfile.TemporaryDirectory(prefix="kqfast-bench-")
     workdir = Path(work.name)
     servers, missing = field(workdir)
@@ -295,7 +296,7 @@ def main() -> int:
                 "rss": [median_of([run["rss"][i] for run in ok]) for i in (0, 1)]}
     results = {
         "command": " ".join(["python", "bench/run.py", *sys.argv[1:]]),
-        "machine": machine(where, fd_limit),
+        "machine": host,
         "config": {"rounds": rounds, "duration": duration, "warmup": warmup,
                    "idle_connections": list(idle_range), "headline": HEADLINE},
         "servers": {s.key: s.label for s in servers},
