@@ -10,26 +10,11 @@ import sys
 import time
 
 from kqfast._bench import LoadClient
+from kqfast.argtypes import count, seconds
 
 # The stderr lines that bracket the measured window (bench/run.py reads the server's CPU then).
 MEASURING = "kqfast-bench: measuring"
 DONE = "kqfast-bench: done"
-
-
-def _count(minimum: int):
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}")
-        return value
-    return parse
-
-
-def _seconds(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError("must be a number of seconds, at least 0")
-    return value
 
 
 def _target(text: str) -> tuple[str, int]:
@@ -47,16 +32,16 @@ def build_parser() -> argparse.ArgumentParser:
                     "checks every echoed byte, and reports round trips per second, latency "
                     "and its own CPU per request.")
     p.add_argument("target", type=_target, metavar="HOST:PORT")
-    p.add_argument("-c", "--connections", type=_count(1), default=50)
-    p.add_argument("-s", "--size", type=_count(2), default=16,
+    p.add_argument("-c", "--connections", type=count(1), default=50)
+    p.add_argument("-s", "--size", type=count(2), default=16,
                    help="bytes per message, newline included (default 16)")
-    p.add_argument("-p", "--pipeline", type=_count(1), default=1,
+    p.add_argument("-p", "--pipeline", type=count(1), default=1,
                    help="messages in flight per connection (default 1: ping-pong)")
-    p.add_argument("-d", "--duration", type=_seconds, default=5.0,
+    p.add_argument("-d", "--duration", type=seconds, default=5.0,
                    help="seconds measured (default 5)")
-    p.add_argument("-w", "--warmup", type=_seconds, default=1.0,
+    p.add_argument("-w", "--warmup", type=seconds, default=1.0,
                    help="seconds run before measuring, once all are connected (default 1)")
-    p.add_argument("--connect-timeout", type=_seconds, default=30.0,
+    p.add_argument("--connect-timeout", type=seconds, default=30.0,
                    help="seconds allowed to open every connection (default 30)")
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     return p

@@ -6,25 +6,10 @@ import signal
 import sys
 
 import kqfast
+from kqfast.argtypes import count, seconds
 from kqfast.echo import EchoProtocol, LineEchoProtocol
 from kqfast.prefork import ProcessGroup, reserve_port
 from kqfast.server import Server, default_max_connections
-
-
-def _count(minimum: int):
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}")
-        return value
-    return parse
-
-
-def _seconds(text: str) -> float:
-    value = float(text)
-    if not value >= 0:  # also refuses nan
-        raise argparse.ArgumentTypeError("must be a number of seconds, at least 0")
-    return value
 
 
 def _port(text: str) -> int:
@@ -44,20 +29,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=("line", "raw"), default="line")
     p.add_argument("--handler", choices=("native", "python"), default="native",
                    help="native: in C without the GIL; python: the asyncio.Protocol API")
-    p.add_argument("--workers", type=_count(1), default=1,
+    p.add_argument("--workers", type=count(1), default=1,
                    help="event loops (threads) in each process")
-    p.add_argument("--processes", type=_count(1), default=1,
+    p.add_argument("--processes", type=count(1), default=1,
                    help="pre-forked server processes sharing the port (SO_REUSEPORT): the way "
                         "to use several cores with --handler python")
-    p.add_argument("--backlog", type=_count(1), default=1024)
-    p.add_argument("--max-connections", type=_count(1), default=None,
+    p.add_argument("--backlog", type=count(1), default=1024)
+    p.add_argument("--max-connections", type=count(1), default=None,
                    help="over it new clients are closed at once (default: what the fd limit "
                         f"allows, here {default_max_connections()})")
-    p.add_argument("--max-line", type=_count(1), default=65536,
+    p.add_argument("--max-line", type=count(1), default=65536,
                    help="longest line in bytes; a longer one closes its connection")
-    p.add_argument("--idle-timeout", type=_seconds, default=60.0,
+    p.add_argument("--idle-timeout", type=seconds, default=60.0,
                    help="close clients silent this long; 0 disables (default 60)")
-    p.add_argument("--shutdown-timeout", type=_seconds, default=5.0,
+    p.add_argument("--shutdown-timeout", type=seconds, default=5.0,
                    help="on SIGINT/SIGTERM, how long pending output may flush (default 5)")
     return p
 
