@@ -269,8 +269,9 @@ cdef class LoadClient:
         if self.set_mask(c, KQ_WRITABLE) < 0:
             self.kill(c, E_CONNECT, errno)
 
-    cdef void connected(self, Conn *c, uint64_t now) noexcept nogil:
-        cdef int err = kq_socket_error(c.fd), i
+    cdef void connected(self, Conn *c, uint64_t now, int event_err) noexcept nogil:
+        """event_err: the error the poller saw with the writability (see poller_kqueue.c)."""
+        cdef int err = event_err if event_err else kq_socket_error(c.fd), i
         if err:
             self.kill(c, E_CONNECT, err)
             return
@@ -336,7 +337,7 @@ cdef class LoadClient:
             for i in range(n):
                 c = &self.conns[self.conn_of_fd[self.events[i].fd]]
                 if c.state == S_CONNECTING:
-                    self.connected(c, now_ns())
+                    self.connected(c, now_ns(), self.events[i].err)
                     continue
                 if c.state != S_OPEN:
                     continue  # killed earlier in this batch

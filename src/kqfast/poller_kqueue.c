@@ -151,11 +151,12 @@ int kq_poller_wait(kq_poller *p, kq_event *out, int cap, int timeout_ms) {
         int mask = e->filter == EVFILT_WRITE ? KQ_WRITABLE : KQ_READABLE;
         int err = 0;
         /* EV_EOF on a read filter may come with bytes still buffered ("data"): the loop
-         * reads to the end first.  The socket error, if any, is in fflags, not data.  On a
-         * write filter EV_EOF also follows our own shutdown(SHUT_WR), so it only means that
-         * writing is over, which the next write reports by itself. */
-        if (e->filter == EVFILT_READ && (e->flags & EV_EOF)) {
-            mask |= KQ_HANGUP;
+         * reads to the end first.  On a write filter EV_EOF also follows our own
+         * shutdown(SHUT_WR), so it is no hang-up by itself.  Either way the socket error, if
+         * any, is in fflags (not data), and it must be passed on: libkqueue fetches it with
+         * SO_ERROR, which clears it, so a failed connect() would look like a success. */
+        if (e->flags & EV_EOF) {
+            if (e->filter == EVFILT_READ) mask |= KQ_HANGUP;
             err = (int)e->fflags;
         }
         out[count].fd = (int)e->ident;
