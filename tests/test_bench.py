@@ -100,6 +100,7 @@ def test_bench_reports_a_refused_connection_in_one_line():
     assert err.count("\n") == 1 and "refused" in err
 
 
+@pytest.mark.measurement
 @pytest.mark.timeout(600)
 def test_runner_quick_run_writes_results_and_names_what_is_missing(tmp_path):
     """The whole field on a smoke run, with uvloop and matplotlib made unimportable: the runner

@@ -1064,6 +1064,7 @@ def malloc_trim() -> None:
     ctypes.CDLL(None).malloc_trim(0)
 
 
+@pytest.mark.measurement
 def test_12_reset_with_32_mib_queued_frees_it_and_goes_idle(serve):
     """Item 12: a reset with 32 MiB queued: one connection_lost, memory freed, loop idle."""
     book = Book()
@@ -1135,6 +1136,7 @@ class Producer(Recorder):
         self.produce()
 
 
+@pytest.mark.measurement
 def test_13_pause_writing_stops_the_producer_and_resume_restarts_it(serve):
     """Item 13: pause_writing stops the producer at high water, resume_writing restarts it."""
     total = scaled(16, 256) * MiB
@@ -1209,6 +1211,7 @@ class Pauser(Recorder):
         self.book.changed()
 
 
+@pytest.mark.measurement
 def test_14_pause_reading_holds_a_blast_without_memory_or_cpu(serve):
     """Item 14: a 64 MiB blast at a paused protocol stays in the kernel; intact after resume."""
     total_mib = scaled(64, 256)
@@ -1276,6 +1279,7 @@ class LineRecorder(kqfast.LineProtocol, Recorder):
         self.book.changed()
 
 
+@pytest.mark.measurement
 @pytest.mark.parametrize("handler", ["native", "python"])
 def test_15_ten_mib_without_newline_closes_early_with_bounded_memory(serve, handler):
     """Item 15: 10 MiB without a newline closes after max_line plus two reads, memory bounded."""
@@ -1945,6 +1949,7 @@ def test_28_no_fd_leak_after_many_connect_close_cycles(serve, handler):
     assert not new_fds(before), new_fds(before)
 
 
+@pytest.mark.measurement
 def test_28_memory_returns_after_many_connections():
     """Item 28: after 20,000 connections, RSS is back near the baseline and no protocol survives."""
     waves = scaled(20, 100)
