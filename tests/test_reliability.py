@@ -138,9 +138,12 @@ def kill_child(proc: subprocess.Popen) -> None:
     proc.communicate(timeout=10)
 
 
+# A child started from a shell's background job inherits SIGINT ignored, and Python keeps
+# it so: give Ctrl-C back its default, as an interactive run has it.
 CHILD_PRELUDE = """
 import asyncio, os, signal, socket, sys, time
 import kqfast
+signal.signal(signal.SIGINT, signal.default_int_handler)
 """
 
 
