@@ -22,6 +22,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+try:
+    import psutil  # noqa: F401  (servers' CPU times: without them there is nothing to report)
+except ImportError:
+    sys.exit("run.py needs psutil to read the servers' CPU time: pip install 'kqfast[bench]'")
 
 import kqfast  # noqa: E402
 from field import field  # noqa: E402
@@ -133,9 +137,11 @@ def summarize_load(runs: list[dict]) -> dict:
             ok = [r for r in server_runs if "failed" not in r]
             medians = {name: median_of([get(r, p) for r in ok]) for name, p in paths.items()}
             for side in ("server", "client"):
+                # A run that completed no request has no CPU per request: left out.
+                parts = [(get(r, (f"{side}_cpu", "user_us_per_request")),
+                          get(r, (f"{side}_cpu", "system_us_per_request"))) for r in ok]
                 medians[f"{side}_total_us"] = median_of(
-                    [get(r, (f"{side}_cpu", "user_us_per_request")) +
-                     get(r, (f"{side}_cpu", "system_us_per_request")) for r in ok])
+                    [user + system for user, system in parts if None not in (user, system)])
             medians["errors"] = sum(r["errors"] for r in ok)
             medians["rounds"] = len(ok)
             medians["failed"] = [r["failed"] for r in server_runs if "failed" in r]
