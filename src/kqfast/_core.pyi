@@ -1,4 +1,4 @@
-# Type stubs for kqfast's C core (_core.pyx with poller.pxi, loop.pxi and transport.pxi).
+# Type stubs for kqfast's C core (_core.pyx: poller.pxi, core/*.pxi, loop.pxi, dispatch.pxi, transport.pxi).
 # Keep them true: `python -m mypy.stubtest kqfast._core` compares them with the built module.
 import asyncio
 from collections.abc import Callable, Iterable

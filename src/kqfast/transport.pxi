@@ -1,5 +1,5 @@
-# Python protocols on the nogil loop: the Transport handed to connection_made, and the Python
-# pass that turns a batch's records into protocol callbacks under one GIL acquisition.
+# Python protocols on the nogil loop: the Transport handed to connection_made (asyncio's
+# transport interface over one C connection) and LineProtocol, whose lines are framed in C.
 import asyncio as _asyncio
 
 
@@ -32,7 +32,7 @@ cdef class Transport:
     cdef inline Conn *conn(self) noexcept:
         """The connection while this transport is attached to it; NULL once closed (a
         closed connection may linger in C, detached, until the peer finishes)."""
-        cdef Conn *c = self.loop.live(self.fd, self.gen)
+        cdef Conn *c = live(&self.loop.core, self.fd, self.gen)
         if c is NULL or c.transport != <PyObject *>self:
             return NULL
         return c
@@ -57,22 +57,22 @@ cdef class Transport:
                 sent = kq_send(self.fd, view.buf, view.len)
                 if sent < 0:
                     if not kq_retry_later(errno):
-                        self.loop.lose(self.fd, _errno_exception(errno), True)
+                        lose(self.loop, self.fd, _errno_exception(errno), True)
                         return
                     sent = 0
-                self.loop.bytes_out += sent
+                self.loop.core.bytes_out += sent
                 if sent == view.len:
                     return
             c.out = buf_append(c.out, <char *>view.buf + sent, view.len - sent)
         finally:
             PyBuffer_Release(&view)
-        if c.out is NULL or self.loop.set_mask(self.fd, c.mask | KQ_WRITABLE) < 0:
-            self.loop.lose(self.fd, _errno_exception(ENOMEM if c.out is NULL else errno), True)
+        if c.out is NULL or set_mask(&self.loop.core, self.fd, c.mask | KQ_WRITABLE) < 0:
+            lose(self.loop, self.fd, _errno_exception(ENOMEM if c.out is NULL else errno), True)
             return
         size = c.out.end - c.out.start
-        if size > self.loop.max_output:
-            self.loop.lose(self.fd, OSError(ENOBUFS, f"output buffer over max_output "
-                                               f"({self.loop.max_output} bytes): the peer "
+        if size > self.loop.core.max_output:
+            lose(self.loop, self.fd, OSError(ENOBUFS, f"output buffer over max_output "
+                                               f"({self.loop.core.max_output} bytes): the peer "
                                                f"does not read"), True)
         elif size >= self.high_water and not (c.flags & C_WRITE_PAUSED):
             c.flags |= C_WRITE_PAUSED
@@ -106,6 +106,9 @@ cdef class Transport:
         if not high >= low >= 0:
             raise ValueError(f"high ({high!r}) must be >= low ({low!r}) must be >= 0")
         self.high_water, self.low_water = high, low
+        cdef Conn *c = self.conn()
+        if c is not NULL:
+            c.low_water = <uint32_t>min(low, 0xFFFFFFFF)
 
     def get_write_buffer_limits(self):
         return (self.low_water, self.high_water)
@@ -117,7 +120,7 @@ cdef class Transport:
         if c is NULL or c.flags & (C_READ_PAUSED | C_CLOSING):
             return
         c.flags |= C_READ_PAUSED
-        self.loop.set_mask(self.fd, c.mask & ~KQ_READABLE)
+        set_mask(&self.loop.core, self.fd, c.mask & ~KQ_READABLE)
 
     def resume_reading(self):
         cdef Conn *c = self.conn()
@@ -125,12 +128,12 @@ cdef class Transport:
             return
         c.flags &= ~C_READ_PAUSED
         if not (c.flags & (C_EOF | C_CLOSING)):
-            self.loop.set_mask(self.fd, c.mask | KQ_READABLE)
+            set_mask(&self.loop.core, self.fd, c.mask | KQ_READABLE)
         if self.stash:
             stash, self.stash = self.stash, None
             for data in stash:
                 self.loop.ready.append((self.deliver, (data,)))
-            kq_store(&self.loop.calls_pending, 1)
+            kq_store(&self.loop.core.calls_pending, 1)
 
     def is_reading(self):
         cdef Conn *c = self.conn()
@@ -145,16 +148,16 @@ cdef class Transport:
         if c is NULL or c.flags & C_CLOSING:
             return
         c.flags |= C_CLOSING
-        self.loop.timer_push(self.fd, T_CLOSING)
+        timer_push(&self.loop.core, self.fd, T_CLOSING)
         if c.out is NULL:
-            self.loop.detach(self.fd, None)
+            detach(self.loop, self.fd, None)
         else:
-            self.loop.set_mask(self.fd, KQ_WRITABLE)
+            set_mask(&self.loop.core, self.fd, KQ_WRITABLE)
 
     def abort(self):
         """Closes at once with a reset, dropping queued output."""
         if self.conn() is not NULL:
-            self.loop.lose(self.fd, None, True)
+            lose(self.loop, self.fd, None, True)
 
     def is_closing(self):
         cdef Conn *c = self.conn()
@@ -166,7 +169,7 @@ cdef class Transport:
             return default
         if name == "socket":
             # A duplicate: the caller owns it, and closing it leaves the connection alone.
-            return socket.fromfd(self.fd, self.loop.listen_family, socket.SOCK_STREAM)
+            return socket.fromfd(self.fd, self.loop.core.listen_family, socket.SOCK_STREAM)
         s = socket.socket(fileno=self.fd)
         try:
             return s.getpeername() if name == "peername" else s.getsockname()
@@ -190,40 +193,29 @@ cdef class Transport:
 
     cdef frame_lines(self, bytes data):
         """Calls line_received for each complete line; keeps an incomplete one in C."""
-        cdef const char *s = PyBytes_AS_STRING(data)
-        cdef size_t n = len(data), pos = 0, length
-        cdef const char *nl
         cdef Conn *c = self.conn()
-        cdef Buffer *p = c.partial
-        while pos < n:
-            nl = <const char *>memchr(s + pos, b'\n', n - pos)
-            length = (nl - (s + pos) + 1) if nl is not NULL else n - pos
-            if buf_len(p) + length > self.loop.max_line + (1 if nl is not NULL else 0):
+        cdef LineCursor cur
+        cdef const char *line
+        cdef size_t length
+        cdef int found
+        line_cursor_init(&cur, PyBytes_AS_STRING(data), len(data))
+        while True:
+            found = next_line(c, &cur, self.loop.core.max_line, &line, &length)
+            if found == LINE_TOO_LONG:
                 self.close()
+            elif found == LINE_NOMEM:
+                lose(self.loop, self.fd, _errno_exception(ENOMEM), True)
+            if found != LINE_FOUND:
                 return
-            if nl is NULL:
-                c.partial = buf_append(p, s + pos, length)
-                if c.partial is NULL:
-                    self.loop.lose(self.fd, _errno_exception(ENOMEM), True)
-                return
-            if p is not NULL:
-                p = buf_append(p, s + pos, length)
-                c.partial = NULL
-                if p is NULL:
-                    self.loop.lose(self.fd, _errno_exception(ENOMEM), True)
-                    return
-                line = PyBytes_FromStringAndSize(buf_data(p) + p.start, p.end - p.start)
-                free(p)
-                p = NULL
-            else:
-                line = PyBytes_FromStringAndSize(s + pos, length)
-            pos += length
-            self.protocol.line_received(line)
+            obj = PyBytes_FromStringAndSize(line, length)
+            free(cur.joined)
+            cur.joined = NULL
+            self.protocol.line_received(obj)
             c = self.conn()
             if c is NULL or c.flags & C_CLOSING:
                 return
-            if c.flags & C_READ_PAUSED and pos < n:
-                self.stash = [data[pos:]]
+            if c.flags & C_READ_PAUSED and cur.pos < cur.n:
+                self.stash = [data[cur.pos:]]
                 return
 
     cdef eof(self):

@@ -1,0 +1,118 @@
+# The core's vocabulary: tunables, the flags a connection carries, and the C structs the loop
+# works on.  Everything in core/ is a free function over one LoopCore (Redis ae style): no
+# Python object is touched without the GIL.
+from libc.stdint cimport uint8_t, uint32_t, uint64_t
+from cpython.ref cimport PyObject, Py_INCREF, Py_DECREF
+
+cdef enum:
+    READ_CHUNK = 65536
+    EVENT_CAP = 256
+    ACCEPT_PER_WAKE = 128       # fairness: a connect storm cannot starve served clients
+    ARENA_SIZE = 1 << 20        # bytes read for Python handlers in one batch
+    ARENA_MIN_ROOM = 16384
+    RECORD_CAP = 4096
+    # Reads, accepts and timers, whose count per batch is unbounded, stop here; the rest of
+    # the array is kept for the at most 3 records that one event can add (a data, EOF or
+    # loss on the read side; resume plus closed or loss on the write side).
+    RECORD_SOFT_CAP = RECORD_CAP - 3 * EVENT_CAP
+
+# Handler kinds: what runs a connection's bytes.
+cdef enum:
+    H_ECHO = 1
+    H_LINE_ECHO = 2
+    H_PROTOCOL = 3
+
+# Connection flags.
+cdef enum:
+    C_OPEN = 1
+    C_PY = 2            # a Python transport is attached
+    C_EOF = 4           # the peer has finished sending
+    C_CLOSING = 8       # no more input is processed; flush, then shut down the write side
+    C_LINGER = 16       # write side shut; input is discarded until EOF or the timer fires
+    C_READ_PAUSED = 32  # pause_reading(), or a native echo whose output is over high water
+    C_WRITE_PAUSED = 64 # pause_writing() was called and resume_writing() is owed
+    C_WRITE_EOF = 128   # shutdown(SHUT_WR) is owed once the output drains
+    C_WRITE_SHUT = 256
+    C_LOST = 512        # failed in the nogil pass; the Python pass reports and frees it
+    C_LINE = 1024       # LineProtocol: the loop frames lines in C
+
+# Timer lists: each open connection is on one, ordered by last activity because every
+# connection on a list has the same timeout.  Moving to the tail on activity is O(1).
+cdef enum:
+    T_NONE = 0
+    T_IDLE = 1
+    T_CLOSING = 2
+
+# What the nogil pass leaves for the Python pass.
+cdef enum:
+    R_MADE = 1
+    R_DATA = 2
+    R_EOF = 3
+    R_LOST = 4
+    R_RESUME = 5
+    R_CLOSED = 6
+
+ctypedef struct Buffer:
+    size_t start
+    size_t end
+    size_t cap
+
+# 56 bytes: the table holds one per possible fd, so idle memory is what connections use.
+ctypedef struct Conn:
+    uint32_t flags
+    uint32_t gen        # bumped on close: a record for an older gen is stale
+    int prev            # neighbours on the connection's timer list
+    int next
+    uint8_t mask        # interest registered with the poller
+    uint8_t timer
+    uint8_t hangup_err  # a socket error that came with a hang-up, reported when input ends
+    uint32_t low_water  # a Python transport's resume_writing() mark
+    double active       # last progress, for the timer lists
+    Buffer *out         # bytes the socket did not take yet
+    Buffer *partial     # an incomplete line
+    PyObject *transport
+
+ctypedef struct Record:
+    int fd
+    uint32_t gen
+    int kind
+    int err
+    size_t off
+    size_t length
+
+ctypedef struct TimerList:
+    int head
+    int tail
+    double timeout
+    # Activity moves a connection to the tail only when its stamp is at least this old, so a
+    # busy connection costs a list move per granule, not per read: a deadline may come
+    # early by at most one granule (1/64 of the timeout).
+    double granule
+
+ctypedef struct LoopCore:
+    kq_poller *poller
+    Conn *conns
+    int nconns
+    char *rbuf                  # the native handlers read here and echo from here
+    kq_event events[EVENT_CAP]
+    int listen_fd, listen_family, signal_fd
+    # Hand-off (where SO_REUSEPORT does not balance): the accepting loop writes each new fd
+    # into one loop's inbox pipe, round-robin; -1 in handoff_fds stands for itself.
+    int inbox_r, inbox_w
+    int *handoff_fds
+    int nhandoff, next_handoff
+    int handler
+    size_t max_line, high_water, low_water, max_output
+    int max_connections
+    double now, accept_resume_at, stop_deadline
+    TimerList timers[3]
+    # Set by other threads (kq_store), read by the loop's (kq_load).
+    int stop_requested, calls_pending
+    int stopping, finished, wait_errno, wait_failures, signal_pending
+    uint64_t n_current, n_total, n_rejected, n_timeouts, n_errors, bytes_in, bytes_out
+    int reserve_fd              # freed at the fd limit to accept and shed a client
+    # The Python pass: records, and the arena their data was read into.
+    Record *records
+    int nrecords
+    char *arena
+    size_t arena_used

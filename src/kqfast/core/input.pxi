@@ -1,0 +1,72 @@
+# Input: one read per readiness event, into the loop's buffer for the native handlers or into
+# the batch's arena for Python (a record says where); EOF is acted on only once the socket
+# has nothing more to read.
+
+
+cdef inline void on_readable(LoopCore *L, int fd, int hangup_err) noexcept nogil:
+    """hangup_err: the socket error a kqueue EV_EOF carried.  libkqueue fetches it with
+    SO_ERROR, which clears it, so recv() would report a plain EOF for a reset: it is kept
+    until the input ends."""
+    cdef Conn *c = &L.conns[fd]
+    cdef ssize_t n
+    cdef char *dst = L.rbuf
+    cdef size_t room = READ_CHUNK
+    if hangup_err:
+        c.hangup_err = hangup_err
+    if c.flags & C_LINGER:
+        # Discard what the peer still sends until it closes; its data has no reader.
+        n = recv(fd, L.rbuf, READ_CHUNK, 0)
+        if n == 0 or (n < 0 and not kq_retry_later(errno)):
+            close_now(L, fd, False)
+        return
+    if c.flags & (C_CLOSING | C_READ_PAUSED | C_LOST):
+        return
+    if c.flags & C_PY:
+        if ARENA_SIZE - L.arena_used < ARENA_MIN_ROOM or L.nrecords >= RECORD_SOFT_CAP:
+            return  # level-triggered: the rest is read after this batch is dispatched
+        dst = L.arena + L.arena_used
+        room = ARENA_SIZE - L.arena_used
+        if room > READ_CHUNK:
+            room = READ_CHUNK
+    n = recv(fd, dst, room, 0)
+    if n > 0:
+        L.bytes_in += n
+        touch(L, fd)
+        if c.flags & C_PY:
+            record(L, fd, R_DATA, 0, L.arena_used, n)
+            L.arena_used += n
+        elif L.handler == H_ECHO:
+            echo_bytes(L, fd, dst, n)
+        else:
+            echo_lines(L, fd, dst, n)
+    elif n == 0 and c.hangup_err:
+        fail(L, fd, c.hangup_err)
+    elif n == 0:
+        on_eof(L, fd)
+    elif not kq_retry_later(errno):
+        fail(L, fd, errno)
+
+
+cdef void on_eof(LoopCore *L, int fd) noexcept nogil:
+    cdef Conn *c = &L.conns[fd]
+    cdef Buffer *p = c.partial
+    cdef int err
+    c.flags |= C_EOF
+    # Level-triggered EOF stays readable forever: stop listening for it.
+    if set_mask(L, fd, c.mask & ~KQ_READABLE) < 0:
+        fail(L, fd, errno)
+        return
+    if c.flags & C_PY:
+        record(L, fd, R_EOF, 0, 0, 0)
+        return
+    if p is not NULL:
+        # A last line without its newline is still echoed: no byte is dropped at EOF.
+        c.partial = NULL
+        if not is_blank(buf_data(p) + p.start, p.end - p.start):
+            err = emit(L, fd, buf_data(p) + p.start, p.end - p.start)
+            if err:
+                free(p)
+                fail(L, fd, err)
+                return
+        free(p)
+    begin_close(L, fd)

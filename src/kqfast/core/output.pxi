@@ -1,0 +1,117 @@
+# Output and the close state machine: send at once what the socket takes, queue the rest
+# behind write interest; a graceful close flushes, shuts the write side down, then lets the
+# peer finish (lingers) before the fd is closed.  Failures end here too.
+from posix.unistd cimport close as c_close
+
+
+cdef int flush(LoopCore *L, int fd) noexcept nogil:
+    """Writes queued output; returns 0, or an errno when the connection failed."""
+    cdef Conn *c = &L.conns[fd]
+    cdef Buffer *b = c.out
+    cdef ssize_t n
+    while b is not NULL and b.end > b.start:
+        n = kq_send(fd, buf_data(b) + b.start, b.end - b.start)
+        if n < 0:
+            if kq_retry_later(errno):
+                break
+            return errno
+        b.start += n
+        L.bytes_out += n
+        touch(L, fd)
+    if b is not NULL and b.end == b.start:
+        free(b)
+        c.out = NULL
+    return 0
+
+
+cdef inline int emit(LoopCore *L, int fd, const char *data, size_t n) noexcept nogil:
+    """Sends at once when nothing is queued, queues the rest and asks for write readiness;
+    returns 0, or an errno when the connection failed."""
+    cdef Conn *c = &L.conns[fd]
+    cdef ssize_t sent = 0
+    if n == 0:
+        return 0
+    if c.out is NULL:
+        sent = kq_send(fd, data, n)
+        if sent < 0:
+            if not kq_retry_later(errno):
+                return errno
+            sent = 0
+        L.bytes_out += sent
+        if <size_t>sent == n:
+            return 0
+    c.out = buf_append(c.out, data + sent, n - sent)
+    if c.out is NULL:
+        return ENOMEM
+    if set_mask(L, fd, c.mask | KQ_WRITABLE) < 0:
+        return errno
+    return 0
+
+
+cdef void begin_close(LoopCore *L, int fd) noexcept nogil:
+    """Graceful close: stop taking input, flush, shut down the write side, then let the peer
+    finish (closing with unread input would reset the connection and lose the output still
+    in flight)."""
+    cdef Conn *c = &L.conns[fd]
+    c.flags |= C_CLOSING
+    timer_push(L, fd, T_CLOSING)
+    if c.out is not NULL:
+        set_mask(L, fd, KQ_WRITABLE)
+    else:
+        finish_write_side(L, fd)
+
+
+cdef void finish_write_side(LoopCore *L, int fd) noexcept nogil:
+    cdef Conn *c = &L.conns[fd]
+    if c.flags & C_EOF:
+        close_now(L, fd, False)
+        return
+    shutdown(fd, SHUT_WR)
+    c.flags |= C_LINGER | C_WRITE_SHUT
+    if set_mask(L, fd, KQ_READABLE) < 0:
+        close_now(L, fd, False)
+
+
+cdef void fail(LoopCore *L, int fd, int err) noexcept nogil:
+    """The connection failed (reset, broken pipe, out of memory)."""
+    cdef Conn *c = &L.conns[fd]
+    L.n_errors += 1
+    if c.flags & C_PY:
+        # The Python pass reports it with connection_lost(exc) and frees it.
+        set_mask(L, fd, 0)
+        timer_unlink(L, fd)
+        c.flags |= C_LOST
+        record(L, fd, R_LOST, err, 0, 0)
+    else:
+        close_now(L, fd, True)
+
+
+cdef void on_writable(LoopCore *L, int fd) noexcept nogil:
+    cdef Conn *c = &L.conns[fd]
+    cdef int err
+    if c.flags & C_LOST:
+        return
+    err = flush(L, fd)
+    if err:
+        fail(L, fd, err)
+        return
+    if c.flags & C_PY and c.flags & C_WRITE_PAUSED and buf_len(c.out) <= c.low_water:
+        c.flags &= ~C_WRITE_PAUSED
+        record(L, fd, R_RESUME, 0, 0, 0)
+    if c.out is not NULL:
+        return
+    if set_mask(L, fd, c.mask & ~KQ_WRITABLE) < 0:
+        fail(L, fd, errno)
+        return
+    if c.flags & C_CLOSING:
+        if c.flags & C_PY:
+            record(L, fd, R_CLOSED, 0, 0, 0)
+        else:
+            finish_write_side(L, fd)
+    elif c.flags & C_WRITE_EOF and not (c.flags & C_WRITE_SHUT):
+        shutdown(fd, SHUT_WR)
+        c.flags |= C_WRITE_SHUT
+    elif c.flags & C_READ_PAUSED and not (c.flags & C_PY):
+        c.flags &= ~C_READ_PAUSED
+        if set_mask(L, fd, c.mask | KQ_READABLE) < 0:
+            fail(L, fd, errno)

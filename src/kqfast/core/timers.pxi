@@ -1,0 +1,107 @@
+# One timer structure for every connection: intrusive lists (idle, closing) ordered by last
+# activity.  Every connection on a list has the list's timeout, so the nearest deadline is
+# always a head and becomes the wait's timeout: no heap, no kernel timer per connection.
+from libc.math cimport INFINITY
+
+
+cdef void timers_init(LoopCore *L) noexcept nogil:
+    cdef int i
+    for i in range(3):
+        L.timers[i].head = L.timers[i].tail = -1
+    L.timers[T_NONE].granule = INFINITY  # off every list: activity moves nothing
+
+
+cdef void timers_configure(LoopCore *L, double idle_timeout, double linger_timeout) noexcept nogil:
+    L.timers[T_IDLE].timeout = idle_timeout
+    L.timers[T_CLOSING].timeout = linger_timeout
+    L.timers[T_IDLE].granule = idle_timeout / 64
+    L.timers[T_CLOSING].granule = linger_timeout / 64
+
+
+cdef void timer_unlink(LoopCore *L, int fd) noexcept nogil:
+    cdef Conn *c = &L.conns[fd]
+    cdef TimerList *t = &L.timers[c.timer]
+    if c.timer == T_NONE:
+        return
+    if c.prev >= 0:
+        L.conns[c.prev].next = c.next
+    else:
+        t.head = c.next
+    if c.next >= 0:
+        L.conns[c.next].prev = c.prev
+    else:
+        t.tail = c.prev
+    c.timer = T_NONE
+
+
+cdef void timer_push(LoopCore *L, int fd, int which) noexcept nogil:
+    """Puts fd at the tail of a timer list: its deadline is the latest."""
+    cdef Conn *c = &L.conns[fd]
+    cdef TimerList *t = &L.timers[which]
+    timer_unlink(L, fd)
+    c.active = L.now
+    if which == T_IDLE and L.timers[T_IDLE].timeout <= 0:
+        return
+    c.timer = which
+    c.prev, c.next = t.tail, -1
+    if t.tail >= 0:
+        L.conns[t.tail].next = fd
+    else:
+        t.head = fd
+    t.tail = fd
+
+
+cdef inline void touch(LoopCore *L, int fd) noexcept nogil:
+    cdef Conn *c = &L.conns[fd]
+    if L.now - c.active >= L.timers[c.timer].granule:
+        timer_push(L, fd, c.timer)
+
+
+cdef int next_timeout_ms(LoopCore *L) noexcept nogil:
+    """The wait's timeout: up to the nearest deadline (-1: none), rounded up."""
+    cdef double deadline = -1, d
+    cdef int h
+    h = L.timers[T_IDLE].head
+    if h >= 0:
+        deadline = L.conns[h].active + L.timers[T_IDLE].timeout
+    h = L.timers[T_CLOSING].head
+    if h >= 0:
+        d = L.conns[h].active + L.timers[T_CLOSING].timeout
+        if deadline < 0 or d < deadline:
+            deadline = d
+    if L.accept_resume_at > 0 and (deadline < 0 or L.accept_resume_at < deadline):
+        deadline = L.accept_resume_at
+    if L.stopping and (deadline < 0 or L.stop_deadline < deadline):
+        deadline = L.stop_deadline
+    if deadline < 0:
+        return -1
+    d = (deadline - L.now) * 1000.0 + 1.0
+    return 0 if d < 0 else (<int>d if d < 86400000.0 else 86400000)
+
+
+cdef void expire_timers(LoopCore *L) noexcept nogil:
+    cdef int fd
+    cdef Conn *c
+    while L.timers[T_IDLE].head >= 0 and L.nrecords < RECORD_SOFT_CAP:
+        fd = L.timers[T_IDLE].head
+        c = &L.conns[fd]
+        if c.active + L.timers[T_IDLE].timeout > L.now:
+            break
+        L.n_timeouts += 1
+        if c.flags & C_PY:
+            timer_unlink(L, fd)
+            record(L, fd, R_LOST, ETIMEDOUT, 0, 0)
+            set_mask(L, fd, 0)
+            c.flags |= C_LOST
+        else:
+            begin_close(L, fd)
+    while L.timers[T_CLOSING].head >= 0 and L.nrecords < RECORD_SOFT_CAP:
+        fd = L.timers[T_CLOSING].head
+        c = &L.conns[fd]
+        if c.active + L.timers[T_CLOSING].timeout > L.now:
+            break
+        # A closing peer that neither reads nor closes: give up on it.
+        fail(L, fd, ETIMEDOUT)
+    if L.accept_resume_at > 0 and L.accept_resume_at <= L.now and not L.stopping:
+        L.accept_resume_at = 0
+        kq_poller_set(L.poller, L.listen_fd, 0, KQ_READABLE)
