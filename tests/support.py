@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import queue
 import re
 import resource
 import signal
@@ -358,15 +359,8 @@ def percentile(values, fraction: float) -> float:
 
 
 def server_fd(transport) -> int:
-    """The fd number of a kqfast transport's connection (found through the dup that
-    get_extra_info("socket") returns)."""
-    dup = transport.get_extra_info("socket")
-    try:
-        fds = fds_sharing(dup)
-    finally:
-        dup.close()
-    assert len(fds) == 1, fds
-    return fds[0]
+    """The fd number of a kqfast transport's connection."""
+    return transport.get_extra_info("socket").fileno()
 
 
 def open_fds(pid: int | None = None) -> set[tuple[int, str]]:
@@ -393,3 +387,20 @@ def new_fds(before: set[tuple[int, str]], pid: int | None = None) -> set[tuple[i
     if kqfast.BACKEND == "kqueue":
         fresh = {(fd, link) for fd, link in fresh if not link.startswith("anon_inode:")}
     return fresh
+
+
+def on_loop(server, fn, *args):
+    """Runs fn(*args) on the server's loop thread; returns its result or raises its error."""
+    result: queue.Queue = queue.Queue()
+
+    def call():
+        try:
+            result.put((True, fn(*args)))
+        except BaseException as exc:  # handed to the test thread
+            result.put((False, exc))
+
+    server.call_soon_threadsafe(call)
+    ok, value = result.get(timeout=5)
+    if not ok:
+        raise value
+    return value

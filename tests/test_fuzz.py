@@ -238,7 +238,7 @@ class World:
     def __init__(self):
         self.protocols: list[Fuzzed] = []
         self.server = kqfast.Server(lambda: Fuzzed(self), port=0)
-        self.loop = self.server._loops[0]
+        self.loop = self.server._reactors[0]
         self.clients: list[socket.socket] = []
         self.sent: dict[int, bytearray] = {}  # client port -> bytes it sent
         self.closed_fds: set[int] = set()

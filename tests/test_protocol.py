@@ -22,6 +22,7 @@ from support import (
     connect_refused,
     connect_to,
     echo_through,
+    on_loop,
     process_cpu_seconds,
     recv_exactly,
     recv_until_closed,
@@ -29,6 +30,7 @@ from support import (
     reset_close,
     roundtrip,
     server_family,
+    server_fd,
     wait_until,
 )
 
@@ -180,23 +182,6 @@ class Factory:
 
 def echo(p: Recorder, data: bytes) -> None:
     p.transport.write(data)
-
-
-def on_loop(server: kqfast.Server, fn, *args):
-    """Runs fn(*args) on the server's loop thread; returns its result or raises its error."""
-    result: queue.Queue = queue.Queue()
-
-    def call():
-        try:
-            result.put((True, fn(*args)))
-        except BaseException as exc:  # handed to the test thread
-            result.put((False, exc))
-
-    server.call_soon_threadsafe(call)
-    ok, value = result.get(timeout=5)
-    if not ok:
-        raise value
-    return value
 
 
 def closes(sock: socket.socket) -> str:
@@ -549,21 +534,31 @@ def test_write_eof_after_queuing_4_mib(serve):
 # -- the transport --------------------------------------------------------------------------------
 
 def test_get_extra_info_names_both_ends(serve):
-    """get_extra_info: peername/sockname match the client; 'socket' is a dup; else the default."""
+    """get_extra_info: peername/sockname match the client; 'socket' is the connection's own
+    socket behind asyncio's TransportSocket, which refuses what would disturb the loop (closing
+    it, making it blocking); anything else gives the default."""
     factory = Factory(on_data=echo)
     server = serve(factory)
 
     def extra_info(t):
         sock = t.get_extra_info("socket")
+        return {
+            "peername": t.get_extra_info("peername"),
+            "sockname": t.get_extra_info("sockname"),
+            "socket": (sock.getpeername(), sock.getsockname(), sock.type),
+            "same_fd": sock.fileno() == server_fd(t),
+            "can_close": hasattr(sock, "close"),
+            "blocking": refusal(sock.setblocking, True),
+            "timeout": refusal(sock.settimeout, 1.0),
+            "missing": t.get_extra_info("no-such-thing", "default"),
+        }
+
+    def refusal(call, *args):
         try:
-            return {
-                "peername": t.get_extra_info("peername"),
-                "sockname": t.get_extra_info("sockname"),
-                "socket": (sock.getpeername(), sock.getsockname(), sock.type),
-                "missing": t.get_extra_info("no-such-thing", "default"),
-            }
-        finally:
-            sock.close()
+            call(*args)
+        except ValueError as exc:
+            return str(exc)
+        return None
 
     with connect_to(server) as client:
         p = factory.next()
@@ -571,8 +566,9 @@ def test_get_extra_info_names_both_ends(serve):
         assert info["peername"] == client.getsockname()
         assert info["sockname"] == client.getpeername() == server.address
         assert info["socket"] == (client.getsockname(), client.getpeername(), socket.SOCK_STREAM)
+        assert info["same_fd"] and not info["can_close"]
+        assert "cannot be blocking" in info["blocking"] and "only 0 timeout" in info["timeout"]
         assert info["missing"] == "default"
-        # Closing the duplicate left the connection alone.
         assert roundtrip(client, b"still open") == b"still open"
 
 

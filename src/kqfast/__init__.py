@@ -1,5 +1,6 @@
-"""kqfast: a TCP server whose hot loop calls kqueue (or epoll) directly, in C, with the GIL
-released; native echo handlers, and any asyncio.Protocol on top."""
+"""kqfast: TCP serving from Python with the hot loop in C, kqueue (or epoll) called directly
+with the GIL released.  kqfast.Loop is an asyncio event loop whose stream transports run on
+that core; kqfast.Server serves native handlers (never taking the GIL) or any protocol."""
 from kqfast._core import (
     BACKEND,
     ECHO,
@@ -9,12 +10,14 @@ from kqfast._core import (
     Transport,
     listen,
 )
+from kqfast.loop import EventLoopPolicy, Loop, new_event_loop, run
 from kqfast.server import Server, serve
 from kqfast.tutorial import EventLoop
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BACKEND", "ECHO", "LINE_ECHO", "EventLoop", "LineProtocol", "Server", "Socket",
-    "Transport", "listen", "serve", "__version__",
+    "BACKEND", "ECHO", "LINE_ECHO", "EventLoop", "EventLoopPolicy", "LineProtocol", "Loop",
+    "Server", "Socket", "Transport", "listen", "new_event_loop", "run", "serve",
+    "__version__",
 ]

@@ -1,8 +1,8 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, embedsignature=True
 """kqfast's C core, compiled as one module so the hot path calls across files inline.  In
 the order data flows: the poller and plain sockets, the core's structs and its free
-functions over one LoopCore (core/), the Loop that runs them, the Python pass, and the
-transport handed to protocols."""
+functions over one LoopCore (core/), the Reactor that runs them, the stream handles and the
+transports protocols see, the Python pass, and what kqfast.Loop takes from C."""
 
 include "poller.pxi"
 include "core/defs.pxi"
@@ -15,6 +15,8 @@ include "core/input.pxi"
 include "core/echo.pxi"
 include "core/accept.pxi"
 include "core/cycle.pxi"
-include "loop.pxi"
-include "dispatch.pxi"
+include "reactor.pxi"
+include "handle.pxi"
 include "transport.pxi"
+include "dispatch.pxi"
+include "aio.pxi"

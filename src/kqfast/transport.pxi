@@ -1,235 +1,188 @@
-# Python protocols on the nogil loop: the Transport handed to connection_made (asyncio's
-# transport interface over one C connection) and LineProtocol, whose lines are framed in C.
-import asyncio as _asyncio
+# The transport protocols see: a real asyncio.Transport (isinstance holds), each method one
+# call into its stream's StreamHandle (handle.pxi).  How a stream is born: accepted in C
+# from a listener (made), or adopted from a socket asyncio connected (adopt).
+from asyncio import constants as _aio_constants
+from asyncio import futures as _aio_futures
+from asyncio import transports as _aio_transports
 
 
-class LineProtocol(_asyncio.Protocol):
-    """An asyncio.Protocol whose input is framed into lines in C: line_received(line) gets
-    each complete line with its b"\\n" (and a last line without one at EOF).  A line longer
-    than the server's max_line closes the connection."""
+# _FlowControlMixin: what loop.sendfile()'s fallback checks for (and reads the state of).
+class Transport(_aio_transports._FlowControlMixin):
+    """asyncio's transport over one kqfast stream; made by the loop, never by hand."""
+    __slots__ = ("_h", "__weakref__")
+    _start_tls_compatible = True
+    # loop.sendfile() writes through the transport (its native path needs a selector
+    # transport's internals).
+    _sendfile_compatible = _aio_constants._SendfileMode.FALLBACK
 
-    def line_received(self, line):
-        pass
-
-
-cdef object _errno_exception(int err):
-    return OSError(err, _os.strerror(err))
-
-
-@cython.final
-cdef class Transport:
-    """asyncio's transport interface over one C connection of a Loop."""
-    cdef Loop loop
-    cdef int fd
-    cdef uint32_t gen
-    cdef readonly object protocol
-    cdef size_t high_water, low_water
-    cdef list stash  # data that arrived while reading was paused
-
-    def __init__(self):
-        raise TypeError("transports are made by the server")
-
-    cdef inline Conn *conn(self) noexcept:
-        """The connection while this transport is attached to it; NULL once closed (a
-        closed connection may linger in C, detached, until the peer finishes)."""
-        cdef Conn *c = live(&self.loop.core, self.fd, self.gen)
-        if c is NULL or c.transport != <PyObject *>self:
-            return NULL
-        return c
-
-    # -- writing --
+    def __init__(self, *args, **kwargs):
+        raise TypeError("kqfast transports are made by the event loop")
 
     def write(self, data):
-        """Sends at once what the socket takes; queues the rest."""
-        cdef Conn *c = self.conn()
-        cdef Py_buffer view
-        cdef ssize_t sent = 0
-        cdef size_t size
-        if c is NULL or c.flags & (C_CLOSING | C_LOST):
-            return
-        if c.flags & C_WRITE_EOF:
-            raise RuntimeError("cannot call write() after write_eof()")
-        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
-        try:
-            if view.len == 0:
-                return
-            if c.out is NULL:
-                sent = kq_send(self.fd, view.buf, view.len)
-                if sent < 0:
-                    if not kq_retry_later(errno):
-                        lose(self.loop, self.fd, _errno_exception(errno), True)
-                        return
-                    sent = 0
-                self.loop.core.bytes_out += sent
-                if sent == view.len:
-                    return
-            c.out = buf_append(c.out, <char *>view.buf + sent, view.len - sent)
-        finally:
-            PyBuffer_Release(&view)
-        if c.out is NULL or set_mask(&self.loop.core, self.fd, c.mask | KQ_WRITABLE) < 0:
-            lose(self.loop, self.fd, _errno_exception(ENOMEM if c.out is NULL else errno), True)
-            return
-        size = c.out.end - c.out.start
-        if size > self.loop.core.max_output:
-            lose(self.loop, self.fd, OSError(ENOBUFS, f"output buffer over max_output "
-                                               f"({self.loop.core.max_output} bytes): the peer "
-                                               f"does not read"), True)
-        elif size >= self.high_water and not (c.flags & C_WRITE_PAUSED):
-            c.flags |= C_WRITE_PAUSED
-            self.protocol.pause_writing()
+        (<StreamHandle>self._h).write(data)
 
     def writelines(self, list_of_data):
-        self.write(b"".join(list_of_data))
+        (<StreamHandle>self._h).write(b"".join(list_of_data))
 
     def write_eof(self):
-        """Shuts down the write side once the queued output has been sent."""
-        cdef Conn *c = self.conn()
-        if c is NULL or c.flags & (C_CLOSING | C_WRITE_EOF):
-            return
-        c.flags |= C_WRITE_EOF
-        if c.out is NULL:
-            shutdown(self.fd, SHUT_WR)
-            c.flags |= C_WRITE_SHUT
+        (<StreamHandle>self._h).write_eof()
 
     def can_write_eof(self):
         return True
 
     def get_write_buffer_size(self):
-        cdef Conn *c = self.conn()
-        return 0 if c is NULL else buf_len(c.out)
-
-    def set_write_buffer_limits(self, high=None, low=None):
-        if high is None:
-            high = 64 * 1024 if low is None else 4 * low
-        if low is None:
-            low = high // 4
-        if not high >= low >= 0:
-            raise ValueError(f"high ({high!r}) must be >= low ({low!r}) must be >= 0")
-        self.high_water, self.low_water = high, low
-        cdef Conn *c = self.conn()
-        if c is not NULL:
-            c.low_water = <uint32_t>min(low, 0xFFFFFFFF)
+        return (<StreamHandle>self._h).write_buffer_size()
 
     def get_write_buffer_limits(self):
-        return (self.low_water, self.high_water)
+        cdef StreamHandle h = self._h
+        return (h.low_water, h.high_water)
 
-    # -- reading --
+    def set_write_buffer_limits(self, high=None, low=None):
+        (<StreamHandle>self._h).set_write_buffer_limits(high, low)
 
     def pause_reading(self):
-        cdef Conn *c = self.conn()
-        if c is NULL or c.flags & (C_READ_PAUSED | C_CLOSING):
-            return
-        c.flags |= C_READ_PAUSED
-        set_mask(&self.loop.core, self.fd, c.mask & ~KQ_READABLE)
+        (<StreamHandle>self._h).pause_reading()
 
     def resume_reading(self):
-        cdef Conn *c = self.conn()
-        if c is NULL or not (c.flags & C_READ_PAUSED):
-            return
-        c.flags &= ~C_READ_PAUSED
-        if not (c.flags & (C_EOF | C_CLOSING)):
-            set_mask(&self.loop.core, self.fd, c.mask | KQ_READABLE)
-        if self.stash:
-            stash, self.stash = self.stash, None
-            for data in stash:
-                self.loop.ready.append((self.deliver, (data,)))
-            kq_store(&self.loop.core.calls_pending, 1)
+        (<StreamHandle>self._h).resume_reading()
 
     def is_reading(self):
-        cdef Conn *c = self.conn()
-        return c is not NULL and not (c.flags & (C_READ_PAUSED | C_CLOSING | C_EOF))
-
-    # -- closing --
+        cdef StreamHandle h = self._h
+        h.check_thread()
+        return h.is_reading()
 
     def close(self):
-        """Stops reading, flushes the queued output, then closes; connection_lost(None)
-        follows."""
-        cdef Conn *c = self.conn()
-        if c is NULL or c.flags & C_CLOSING:
-            return
-        c.flags |= C_CLOSING
-        timer_push(&self.loop.core, self.fd, T_CLOSING)
-        if c.out is NULL:
-            detach(self.loop, self.fd, None)
-        else:
-            set_mask(&self.loop.core, self.fd, KQ_WRITABLE)
+        (<StreamHandle>self._h).close()
 
     def abort(self):
-        """Closes at once with a reset, dropping queued output."""
-        if self.conn() is not NULL:
-            lose(self.loop, self.fd, None, True)
+        """Closes at once, dropping queued output (with a reset on kqfast.Server's streams,
+        whose peers must not take a cut reply for a whole one)."""
+        cdef StreamHandle h = self._h
+        h.check_thread()
+        h.force_close(None, h.served())
+
+    def _force_close(self, exc):
+        """asyncio's private abort-with-an-error, which its SSLProtocol calls."""
+        cdef StreamHandle h = self._h
+        h.check_thread()
+        h.force_close(exc, False)
+
+    # _FlowControlMixin's state, read from the stream (its slots stay unused).
+    @property
+    def _loop(self):
+        return (<StreamHandle>self._h).loop
+
+    @property
+    def _protocol_paused(self):
+        return (<StreamHandle>self._h).protocol_paused
+
+    @property
+    def _high_water(self):
+        return (<StreamHandle>self._h).high_water
+
+    @property
+    def _low_water(self):
+        return (<StreamHandle>self._h).low_water
 
     def is_closing(self):
-        cdef Conn *c = self.conn()
-        return c is NULL or bool(c.flags & (C_CLOSING | C_LOST))
+        return (<StreamHandle>self._h).closing
+
+    def get_protocol(self):
+        return (<StreamHandle>self._h).protocol
+
+    def set_protocol(self, protocol):
+        cdef StreamHandle h = self._h
+        h.check_thread()
+        h.set_protocol(protocol)
 
     def get_extra_info(self, name, default=None):
-        import socket
-        if self.conn() is NULL or name not in ("peername", "sockname", "socket"):
-            return default
-        if name == "socket":
-            # A duplicate: the caller owns it, and closing it leaves the connection alone.
-            return socket.fromfd(self.fd, self.loop.core.listen_family, socket.SOCK_STREAM)
-        s = socket.socket(fileno=self.fd)
-        try:
-            return s.getpeername() if name == "peername" else s.getsockname()
-        finally:
-            s.detach()
+        cdef StreamHandle h = self._h
+        h.check_thread()
+        return h.get_extra_info(name, default)
 
-    # -- inbound dispatch, called by the Loop's Python pass --
+    def __repr__(self):
+        cdef StreamHandle h = self._h
+        state = "closed" if h.ended else ("closing" if h.closing else "open")
+        return f"<kqfast.Transport fd={h.fd} {state}>"
 
-    cdef deliver(self, bytes data):
-        cdef Conn *c = self.conn()
-        if c is NULL or c.flags & C_CLOSING:
-            return
-        if c.flags & C_READ_PAUSED:
-            if self.stash is None:
-                self.stash = []
-            self.stash.append(data)
-        elif c.flags & C_LINE:
-            self.frame_lines(data)
+
+cdef StreamHandle new_handle(Reactor R, int fd, protocol, server, dict extra):
+    """The handle of a stream just entered in the table, owned by the table from now on."""
+    cdef Conn *c = &R.core.conns[fd]
+    cdef StreamHandle h = StreamHandle.__new__(StreamHandle)
+    h.reactor, h.fd, h.gen, h.loop, h.server = R, fd, c.gen, R.loop, server
+    h.extra = extra if extra is not None else {}
+    h.high_water, h.low_water = R.core.high_water, R.core.low_water
+    c.low_water = <uint32_t>min(h.low_water, 0xFFFFFFFF)
+    Py_INCREF(h)
+    c.transport = <PyObject *>h
+    h.set_protocol(protocol)
+    t = Transport.__new__(Transport)
+    t._h = h
+    h.transport = t
+    if server is not None:
+        if _ATTACH_TAKES_TRANSPORT:
+            server._attach(t)
         else:
-            self.protocol.data_received(data)
+            server._attach()
+    return h
 
-    cdef frame_lines(self, bytes data):
-        """Calls line_received for each complete line; keeps an incomplete one in C."""
-        cdef Conn *c = self.conn()
-        cdef LineCursor cur
-        cdef const char *line
-        cdef size_t length
-        cdef int found
-        line_cursor_init(&cur, PyBytes_AS_STRING(data), len(data))
-        while True:
-            found = next_line(c, &cur, self.loop.core.max_line, &line, &length)
-            if found == LINE_TOO_LONG:
-                self.close()
-            elif found == LINE_NOMEM:
-                lose(self.loop, self.fd, _errno_exception(ENOMEM), True)
-            if found != LINE_FOUND:
-                return
-            obj = PyBytes_FromStringAndSize(line, length)
-            free(cur.joined)
-            cur.joined = NULL
-            self.protocol.line_received(obj)
-            c = self.conn()
-            if c is NULL or c.flags & C_CLOSING:
-                return
-            if c.flags & C_READ_PAUSED and cur.pos < cur.n:
-                self.stash = [data[cur.pos:]]
-                return
 
-    cdef eof(self):
-        cdef Conn *c = self.conn()
-        cdef Buffer *p
-        if c is NULL:
-            return
-        p = c.partial
-        if p is not NULL and c.flags & C_LINE:
-            c.partial = NULL
-            line = PyBytes_FromStringAndSize(buf_data(p) + p.start, p.end - p.start)
-            free(p)
-            self.protocol.line_received(line)
-            if self.conn() is NULL:
-                return
-        if not self.protocol.eof_received():
-            self.close()
+cdef made(Reactor R, Record *r):
+    """A stream accepted in C: its source's protocol, then connection_made()."""
+    cdef LoopCore *L = &R.core
+    cdef Source source = None
+    cdef StreamHandle h
+    if L.conns[r.origin].gen == r.origin_gen:
+        source = R.sources.get(r.origin)
+    else:
+        source = R.retired.get((r.origin, r.origin_gen))  # it stopped serving meanwhile
+    if source is None:
+        close_now(L, r.fd, True)
+        return
+    try:
+        protocol = source.protocol_factory()
+    except (SystemExit, KeyboardInterrupt):
+        close_now(L, r.fd, True)
+        raise
+    except BaseException as exc:
+        close_now(L, r.fd, True)
+        if source.served or R.loop.get_debug():
+            R.loop.call_exception_handler({
+                "message": "Error on transport creation for incoming connection",
+                "exception": exc})
+        return
+    h = new_handle(R, r.fd, protocol, source.server, None)
+    try:
+        protocol.connection_made(h.transport)
+    except (SystemExit, KeyboardInterrupt):
+        raise
+    except BaseException as exc:
+        h.fatal_error(exc, "Fatal error: protocol.connection_made() call failed.")
+
+
+def adopt(Reactor R, sock, protocol, waiter, extra, server):
+    """A socket asyncio connected or accepted becomes a stream of this reactor; as asyncio's
+    transport does, connection_made() runs soon, then reading starts, then waiter is set."""
+    cdef int fd = sock.fileno()
+    cdef StreamHandle h
+    R.check_free(fd)
+    if sock.family != AF_UNIX:
+        kq_prepare_accepted(fd, 1)  # TCP_NODELAY, as asyncio sets it
+    open_conn(&R.core, fd, C_PY)
+    h = new_handle(R, fd, protocol, server, dict(extra) if extra else None)
+    h.sock = sock
+    h.get_extra_info("sockname", None)  # asyncio's transports learn their names at once
+    h.get_extra_info("peername", None)
+    R.loop.call_soon(_start_adopted, h, waiter)
+    return h.transport
+
+
+def _start_adopted(StreamHandle h, waiter):
+    try:
+        if h.protocol is not None:
+            h.protocol.connection_made(h.transport)
+    finally:
+        h.start_reading()
+        if waiter is not None:
+            _aio_futures._set_result_unless_cancelled(waiter, None)

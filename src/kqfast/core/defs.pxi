@@ -22,6 +22,16 @@ cdef enum:
     H_LINE_ECHO = 2
     H_PROTOCOL = 3
 
+# What a table entry is.  Only streams are the loop's own fds; the others belong to Python
+# objects (listening sockets, pipes, the selector's watched fds), which close them.
+cdef enum:
+    K_FREE = 0
+    K_STREAM = 1        # a connection
+    K_LISTENER = 2      # accepted from in C
+    K_INBOX = 3         # a hand-off pipe: accepted fds from another loop
+    K_WATCHED = 4       # registered through the selector (add_reader/add_writer): Python's
+    K_SIGNAL = 5        # Python's signal wakeup socket
+
 # Connection flags.
 cdef enum:
     C_OPEN = 1
@@ -35,6 +45,9 @@ cdef enum:
     C_WRITE_SHUT = 256
     C_LOST = 512        # failed in the nogil pass; the Python pass reports and frees it
     C_LINE = 1024       # LineProtocol: the loop frames lines in C
+    C_SERVED = 2048     # kqfast.Server's limits apply: idle timeout, max_output, lingering
+    C_BUFFERED = 4096   # asyncio.BufferedProtocol: the Python pass reads into get_buffer()
+    C_UNIX = 8192       # a listener of Unix sockets (no TCP_NODELAY on what it accepts)
 
 # Timer lists: each open connection is on one, ordered by last activity because every
 # connection on a list has the same timeout.  Moving to the tail on activity is O(1).
@@ -42,6 +55,8 @@ cdef enum:
     T_NONE = 0
     T_IDLE = 1
     T_CLOSING = 2
+    T_BACKOFF = 3       # listeners that ran out of fds, re-armed after ACCEPT_BACKOFF
+    TIMER_LISTS = 4
 
 # What the nogil pass leaves for the Python pass.
 cdef enum:
@@ -51,6 +66,7 @@ cdef enum:
     R_LOST = 4
     R_RESUME = 5
     R_CLOSED = 6
+    R_READABLE = 7      # a BufferedProtocol's socket has input
 
 ctypedef struct Buffer:
     size_t start
@@ -66,11 +82,12 @@ ctypedef struct Conn:
     uint8_t mask        # interest registered with the poller
     uint8_t timer
     uint8_t hangup_err  # a socket error that came with a hang-up, reported when input ends
+    uint8_t kind
     uint32_t low_water  # a Python transport's resume_writing() mark
     double active       # last progress, for the timer lists
     Buffer *out         # bytes the socket did not take yet
     Buffer *partial     # an incomplete line
-    PyObject *transport
+    PyObject *transport # a stream's StreamHandle; what a listener or inbox makes streams for
 
 ctypedef struct Record:
     int fd
@@ -79,6 +96,8 @@ ctypedef struct Record:
     int err
     size_t off
     size_t length
+    int origin          # R_MADE: the listener or inbox the stream came from, and its gen
+    uint32_t origin_gen
 
 ctypedef struct TimerList:
     int head
@@ -95,24 +114,28 @@ ctypedef struct LoopCore:
     int nconns
     char *rbuf                  # the native handlers read here and echo from here
     kq_event events[EVENT_CAP]
-    int listen_fd, listen_family, signal_fd
+    # Sources of new streams that were readable in this batch, served after it.
+    int sources[EVENT_CAP]
+    int nsources
+    # The selector's fds that were ready in this batch, for the Python pass.
+    kq_event watched[EVENT_CAP]
+    int nwatched
     # Hand-off (where SO_REUSEPORT does not balance): the accepting loop writes each new fd
     # into one loop's inbox pipe, round-robin; -1 in handoff_fds stands for itself.
-    int inbox_r, inbox_w
     int *handoff_fds
     int nhandoff, next_handoff
-    int handler
+    int handler                 # what serves the streams kqfast.Server accepts
     size_t max_line, high_water, low_water, max_output
     int max_connections
-    double now, accept_resume_at, stop_deadline
-    TimerList timers[3]
+    double now, stop_deadline
+    TimerList timers[TIMER_LISTS]
     # Set by other threads (kq_store), read by the loop's (kq_load).
     int stop_requested, calls_pending
     int stopping, finished, wait_errno, wait_failures, signal_pending
     uint64_t n_current, n_total, n_rejected, n_timeouts, n_errors, bytes_in, bytes_out
     int reserve_fd              # freed at the fd limit to accept and shed a client
-    # The Python pass: records, and the arena their data was read into.
+    # The Python pass: records (dispatched from next_record on), the arena their data is in.
     Record *records
-    int nrecords
+    int nrecords, next_record
     char *arena
     size_t arena_used

@@ -1,6 +1,7 @@
 # Input: one read per readiness event, into the loop's buffer for the native handlers or into
-# the batch's arena for Python (a record says where); EOF is acted on only once the socket
-# has nothing more to read.
+# the batch's arena for Python (a record says where; a BufferedProtocol's read waits for the
+# Python pass and its get_buffer()); EOF is acted on only once the socket has nothing more
+# to read.
 
 
 cdef inline void on_readable(LoopCore *L, int fd, int hangup_err) noexcept nogil:
@@ -20,6 +21,11 @@ cdef inline void on_readable(LoopCore *L, int fd, int hangup_err) noexcept nogil
             close_now(L, fd, False)
         return
     if c.flags & (C_CLOSING | C_READ_PAUSED | C_LOST):
+        return
+    if c.flags & C_BUFFERED:
+        # The protocol's own buffer is the destination: the Python pass reads.
+        if L.nrecords < RECORD_SOFT_CAP:
+            record(L, fd, R_READABLE, 0, 0, 0)
         return
     if c.flags & C_PY:
         if ARENA_SIZE - L.arena_used < ARENA_MIN_ROOM or L.nrecords >= RECORD_SOFT_CAP:

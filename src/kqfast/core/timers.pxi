@@ -1,14 +1,18 @@
-# One timer structure for every connection: intrusive lists (idle, closing) ordered by last
-# activity.  Every connection on a list has the list's timeout, so the nearest deadline is
-# always a head and becomes the wait's timeout: no heap, no kernel timer per connection.
+# One timer structure for every connection: intrusive lists (idle, closing; and listeners
+# backing off at the fd limit) ordered by last activity.  Every entry on a list has the
+# list's timeout, so the nearest deadline is always a head and becomes the wait's timeout:
+# no heap, no kernel timer per connection.
 from libc.math cimport INFINITY
+
+cdef double ACCEPT_BACKOFF = 0.1   # seconds a listener out of fds rests
 
 
 cdef void timers_init(LoopCore *L) noexcept nogil:
     cdef int i
-    for i in range(3):
+    for i in range(TIMER_LISTS):
         L.timers[i].head = L.timers[i].tail = -1
     L.timers[T_NONE].granule = INFINITY  # off every list: activity moves nothing
+    L.timers[T_BACKOFF].timeout = ACCEPT_BACKOFF
 
 
 cdef void timers_configure(LoopCore *L, double idle_timeout, double linger_timeout) noexcept nogil:
@@ -60,17 +64,13 @@ cdef inline void touch(LoopCore *L, int fd) noexcept nogil:
 cdef int next_timeout_ms(LoopCore *L) noexcept nogil:
     """The wait's timeout: up to the nearest deadline (-1: none), rounded up."""
     cdef double deadline = -1, d
-    cdef int h
-    h = L.timers[T_IDLE].head
-    if h >= 0:
-        deadline = L.conns[h].active + L.timers[T_IDLE].timeout
-    h = L.timers[T_CLOSING].head
-    if h >= 0:
-        d = L.conns[h].active + L.timers[T_CLOSING].timeout
-        if deadline < 0 or d < deadline:
-            deadline = d
-    if L.accept_resume_at > 0 and (deadline < 0 or L.accept_resume_at < deadline):
-        deadline = L.accept_resume_at
+    cdef int h, i
+    for i in range(T_IDLE, TIMER_LISTS):
+        h = L.timers[i].head
+        if h >= 0:
+            d = L.conns[h].active + L.timers[i].timeout
+            if deadline < 0 or d < deadline:
+                deadline = d
     if L.stopping and (deadline < 0 or L.stop_deadline < deadline):
         deadline = L.stop_deadline
     if deadline < 0:
@@ -102,6 +102,9 @@ cdef void expire_timers(LoopCore *L) noexcept nogil:
             break
         # A closing peer that neither reads nor closes: give up on it.
         fail(L, fd, ETIMEDOUT)
-    if L.accept_resume_at > 0 and L.accept_resume_at <= L.now and not L.stopping:
-        L.accept_resume_at = 0
-        kq_poller_set(L.poller, L.listen_fd, 0, KQ_READABLE)
+    while L.timers[T_BACKOFF].head >= 0:
+        fd = L.timers[T_BACKOFF].head
+        if L.conns[fd].active + ACCEPT_BACKOFF > L.now:
+            break
+        timer_unlink(L, fd)
+        set_mask(L, fd, KQ_READABLE)

@@ -1,0 +1,473 @@
+# StreamHandle: the Python side of one stream in the core's table.  It holds what asyncio's
+# socket transport holds (protocol, flow control, the socket object, the server) and does
+# what the transport does for that stream under the GIL; the Transport that protocols see
+# (transport.pxi) is a thin asyncio.Transport over it.  Everything here follows asyncio's
+# selector transport (Lib/asyncio/selector_events.py) rule for rule, so protocols written for
+# the standard loop see the same calls in the same order.
+import asyncio as _asyncio
+import socket as _socket
+from asyncio import protocols as _aio_protocols
+from asyncio import trsock as _trsock
+from asyncio.base_events import Server as _AioServer
+
+from cpython.buffer cimport PyBUF_WRITABLE
+from cpython.bytearray cimport PyByteArray_AS_STRING
+
+cdef object _BufferedProtocol = _asyncio.BufferedProtocol
+cdef object _feed_buffered = _aio_protocols._feed_data_to_buffered_proto
+# Python 3.13's Server tracks its transports (_attach(transport)); older ones count them.
+cdef bint _ATTACH_TAKES_TRANSPORT = _AioServer._attach.__code__.co_argcount == 2
+cdef int _LOG_THRESHOLD_FOR_CONNLOST_WRITES = 5
+_aio_log = _logging.getLogger("asyncio")
+
+
+cdef object _errno_exception(int err):
+    return OSError(err, _os.strerror(err))
+
+
+class LineProtocol(_asyncio.Protocol):
+    """An asyncio.Protocol whose input is framed into lines in C: line_received(line) gets
+    each complete line with its b"\\n" (and a last line without one at EOF).  A line longer
+    than the server's max_line closes the connection."""
+
+    def line_received(self, line):
+        pass
+
+
+@cython.final
+cdef class StreamHandle:
+    cdef Reactor reactor
+    cdef int fd
+    cdef uint32_t gen
+    cdef object loop
+    cdef object protocol
+    cdef object transport           # the Transport protocols see; None once the stream ended
+    cdef object server              # the asyncio Server that accepted it, if any
+    cdef object sock                # a socket object over fd, made when first asked for
+    cdef dict extra
+    cdef size_t high_water, low_water
+    cdef bint closing               # close() was called or the stream failed
+    cdef bint ended                 # the fd is no longer this stream's
+    cdef bint eof_written
+    cdef bint protocol_connected
+    cdef bint protocol_paused
+    cdef int lost_writes
+    cdef bytearray held             # input read before pause_reading() took effect
+    cdef bint held_eof
+
+    cdef inline Conn *conn(self) noexcept:
+        """The stream while it is this handle's; NULL once it ended (a closed stream may
+        linger in C, detached, until the peer finishes)."""
+        cdef Conn *c = live(&self.reactor.core, self.fd, self.gen)
+        if c is NULL or c.transport != <PyObject *>self:
+            return NULL
+        return c
+
+    cdef inline int check_thread(self) except -1:
+        """A stream belongs to its loop's thread: from another one, a call could race the
+        loop's nogil pass over the same buffers."""
+        cdef unsigned long owner = self.reactor.thread_id
+        if owner != 0 and owner != PyThread_get_thread_ident():
+            raise RuntimeError("a kqfast transport was used from a thread other than its "
+                               "loop's: use loop.call_soon_threadsafe()")
+        return 0
+
+    cdef bint served(self):
+        cdef Conn *c = self.conn()
+        return c is not NULL and bool(c.flags & C_SERVED)
+
+    cdef bint set_protocol(self, protocol) except -1:
+        cdef Conn *c = self.conn()
+        self.protocol = protocol
+        self.protocol_connected = True
+        if c is not NULL:
+            c.flags &= ~(C_LINE | C_BUFFERED)
+            if isinstance(protocol, _BufferedProtocol):
+                c.flags |= C_BUFFERED
+            elif isinstance(protocol, LineProtocol):
+                c.flags |= C_LINE
+        return True
+
+    # ---- writing ----------------------------------------------------------------------
+
+    cdef write(self, data):
+        cdef Conn *c
+        cdef Py_buffer view
+        cdef ssize_t sent = 0
+        cdef size_t size
+        self.check_thread()
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError(f"data argument must be a bytes-like object, not "
+                            f"{type(data).__name__!r}")
+        if self.eof_written:
+            raise RuntimeError("Cannot call write() after write_eof()")
+        c = self.conn()
+        if c is NULL or c.flags & C_LOST:
+            if len(data):
+                self.lost_writes += 1
+                if self.lost_writes > _LOG_THRESHOLD_FOR_CONNLOST_WRITES:
+                    _aio_log.warning("socket.send() raised exception.")
+            return
+        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        try:
+            if view.len == 0:
+                return
+            if c.out is NULL:
+                sent = kq_send(self.fd, view.buf, view.len)
+                if sent < 0:
+                    if not kq_retry_later(errno):
+                        self.force_close(_errno_exception(errno), False)
+                        return
+                    sent = 0
+                self.reactor.core.bytes_out += sent
+                touch(&self.reactor.core, self.fd)
+                if sent == view.len:
+                    return
+            c.out = buf_append(c.out, <char *>view.buf + sent, view.len - sent)
+        finally:
+            PyBuffer_Release(&view)
+        if c.out is NULL or set_mask(&self.reactor.core, self.fd, c.mask | KQ_WRITABLE) < 0:
+            self.force_close(_errno_exception(ENOMEM if c.out is NULL else errno), True)
+            return
+        size = c.out.end - c.out.start
+        if c.flags & C_SERVED and size > self.reactor.core.max_output:
+            self.force_close(OSError(ENOBUFS, f"output buffer over max_output "
+                                              f"({self.reactor.core.max_output} bytes): the "
+                                              f"peer does not read"), True)
+        elif size > self.high_water:
+            self.pause_protocol()
+
+    cdef pause_protocol(self):
+        cdef Conn *c = self.conn()
+        if self.protocol_paused:
+            return
+        self.protocol_paused = True
+        if c is not NULL:
+            c.flags |= C_WRITE_PAUSED
+        try:
+            self.protocol.pause_writing()
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self.report(exc, "protocol.pause_writing() failed")
+
+    cdef resume_protocol(self):
+        if not self.protocol_paused:
+            return
+        self.protocol_paused = False
+        try:
+            self.protocol.resume_writing()
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self.report(exc, "protocol.resume_writing() failed")
+
+    cdef write_eof(self):
+        cdef Conn *c
+        self.check_thread()
+        if self.closing or self.eof_written:
+            return
+        self.eof_written = True
+        c = self.conn()
+        if c is NULL:
+            return
+        c.flags |= C_WRITE_EOF
+        if c.out is NULL:
+            shutdown(self.fd, SHUT_WR)
+            c.flags |= C_WRITE_SHUT
+
+    cdef set_write_buffer_limits(self, high, low):
+        cdef Conn *c
+        self.check_thread()
+        if high is None:
+            high = 64 * 1024 if low is None else 4 * low
+        if low is None:
+            low = high // 4
+        if not high >= low >= 0:
+            raise ValueError(f"high ({high!r}) must be >= low ({low!r}) must be >= 0")
+        self.high_water, self.low_water = high, low
+        c = self.conn()
+        if c is not NULL:
+            c.low_water = <uint32_t>min(low, 0xFFFFFFFF)
+            if buf_len(c.out) > self.high_water:
+                self.pause_protocol()
+
+    cdef size_t write_buffer_size(self) except? 0:
+        cdef Conn *c
+        self.check_thread()
+        c = self.conn()
+        return 0 if c is NULL else buf_len(c.out)
+
+    # ---- reading ----------------------------------------------------------------------
+
+    cdef bint is_reading(self):
+        cdef Conn *c = self.conn()
+        return c is not NULL and not self.closing and not (c.flags & C_READ_PAUSED)
+
+    cdef pause_reading(self):
+        cdef Conn *c
+        self.check_thread()
+        if not self.is_reading():
+            return
+        c = self.conn()
+        c.flags |= C_READ_PAUSED
+        set_mask(&self.reactor.core, self.fd, c.mask & ~KQ_READABLE)
+
+    cdef resume_reading(self):
+        cdef Conn *c
+        self.check_thread()
+        c = self.conn()
+        if self.closing or c is NULL or not (c.flags & C_READ_PAUSED):
+            return
+        c.flags &= ~C_READ_PAUSED
+        if self.held is not None:
+            # What was read before the pause goes first: reading resumes once it is out.
+            self.loop.call_soon(self.deliver_held)
+        else:
+            self.start_reading()
+
+    cdef start_reading(self):
+        cdef Conn *c = self.conn()
+        if c is not NULL and not (c.flags & (C_EOF | C_CLOSING | C_READ_PAUSED)):
+            if set_mask(&self.reactor.core, self.fd, c.mask | KQ_READABLE) < 0:
+                self.force_close(_errno_exception(errno), True)
+
+    def deliver_held(self):
+        cdef Conn *c = self.conn()
+        if c is NULL or self.held is None or c.flags & C_READ_PAUSED:
+            return
+        data, self.held = self.held, None
+        if data:
+            self.deliver(PyByteArray_AS_STRING(data), len(data))
+        if self.held is not None:
+            return  # paused again on the way
+        if self.held_eof:
+            self.held_eof = False
+            self.eof()
+        else:
+            self.start_reading()
+
+    cdef deliver(self, const char *data, size_t n):
+        """Input for the protocol: held while reading is paused, framed into lines for a
+        LineProtocol, copied into a BufferedProtocol's buffers, or data_received."""
+        cdef Conn *c = self.conn()
+        if c is NULL or self.closing:
+            return
+        if self.held is not None or c.flags & C_READ_PAUSED:
+            self.hold(data, n)
+            return
+        try:
+            if c.flags & C_LINE:
+                self.frame_lines(data, n)
+            elif c.flags & C_BUFFERED:
+                _feed_buffered(self.protocol, PyBytes_FromStringAndSize(data, n))
+            else:
+                self.protocol.data_received(PyBytes_FromStringAndSize(data, n))
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self.fatal_error(exc, "Fatal error: protocol.data_received() call failed.")
+
+    cdef hold(self, const char *data, size_t n):
+        if self.held is None:
+            self.held = bytearray()
+        self.held += PyBytes_FromStringAndSize(data, n)
+
+    cdef frame_lines(self, const char *data, size_t n):
+        """Calls line_received for each complete line; keeps an incomplete one in C."""
+        cdef Conn *c = self.conn()
+        cdef LineCursor cur
+        cdef const char *line
+        cdef size_t length
+        cdef int found
+        line_cursor_init(&cur, data, n)
+        while True:
+            found = next_line(c, &cur, self.reactor.core.max_line, &line, &length)
+            if found == LINE_TOO_LONG:
+                self.close()
+            elif found == LINE_NOMEM:
+                self.force_close(_errno_exception(ENOMEM), True)
+            if found != LINE_FOUND:
+                return
+            obj = PyBytes_FromStringAndSize(line, length)
+            free(cur.joined)
+            cur.joined = NULL
+            self.protocol.line_received(obj)
+            c = self.conn()
+            if c is NULL or self.closing:
+                return
+            if c.flags & C_READ_PAUSED and cur.pos < cur.n:
+                self.hold(data + cur.pos, n - cur.pos)
+                return
+
+    cdef read_into_buffer(self):
+        """A BufferedProtocol's input: the socket is read straight into get_buffer()."""
+        cdef Conn *c = self.conn()
+        cdef Py_buffer view
+        cdef ssize_t n
+        if c is NULL or self.closing or c.flags & C_READ_PAUSED:
+            return
+        try:
+            buf = self.protocol.get_buffer(-1)
+            if not len(buf):
+                raise RuntimeError("get_buffer() returned an empty buffer")
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self.fatal_error(exc, "Fatal error: protocol.get_buffer() call failed.")
+            return
+        PyObject_GetBuffer(buf, &view, PyBUF_WRITABLE)
+        n = recv(self.fd, view.buf, view.len, 0)
+        PyBuffer_Release(&view)
+        if n > 0:
+            self.reactor.core.bytes_in += n
+            touch(&self.reactor.core, self.fd)
+            try:
+                self.protocol.buffer_updated(n)
+            except (SystemExit, KeyboardInterrupt):
+                raise
+            except BaseException as exc:
+                self.fatal_error(exc, "Fatal error: protocol.buffer_updated() call failed.")
+        elif n == 0 and c.hangup_err:
+            self.force_close(_errno_exception(c.hangup_err), True)
+        elif n == 0:
+            c.flags |= C_EOF
+            set_mask(&self.reactor.core, self.fd, c.mask & ~KQ_READABLE)
+            self.eof()
+        elif not kq_retry_later(errno):
+            self.force_close(_errno_exception(errno), True)
+
+    cdef eof(self):
+        """The peer finished sending: a LineProtocol's last line without a newline first,
+        then eof_received(); a false answer closes, as asyncio does."""
+        cdef Conn *c = self.conn()
+        cdef Buffer *p
+        if c is NULL or self.closing:
+            return
+        if self.held is not None or c.flags & C_READ_PAUSED:
+            self.held_eof = True
+            if self.held is None:
+                self.held = bytearray()
+            return
+        try:
+            p = c.partial
+            if p is not NULL and c.flags & C_LINE:
+                c.partial = NULL
+                line = PyBytes_FromStringAndSize(buf_data(p) + p.start, p.end - p.start)
+                free(p)
+                self.protocol.line_received(line)
+                if self.conn() is NULL or self.closing:
+                    return
+            keep_open = self.protocol.eof_received()
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self.fatal_error(exc, "Fatal error: protocol.eof_received() call failed.")
+            return
+        if not keep_open:
+            self.close()
+
+    # ---- closing ----------------------------------------------------------------------
+
+    cdef close(self):
+        """Stops reading, flushes what is queued, then closes; connection_lost(None)
+        follows."""
+        cdef Conn *c
+        self.check_thread()
+        if self.closing:
+            return
+        self.closing = True
+        c = self.conn()
+        if c is NULL:
+            return
+        c.flags |= C_CLOSING
+        if c.flags & C_SERVED:
+            timer_push(&self.reactor.core, self.fd, T_CLOSING)  # the linger covers the flush
+        if c.out is NULL:
+            self.end(True, False)
+            self.loop.call_soon(self.call_connection_lost, None)
+        elif set_mask(&self.reactor.core, self.fd, KQ_WRITABLE) < 0:
+            self.force_close(_errno_exception(errno), True)
+
+    cdef flushed_after_close(self):
+        """The output queued before close() is out."""
+        self.end(True, False)
+        self.call_connection_lost(None)
+
+    cdef fatal_error(self, exc, message):
+        """A protocol callback raised: reported, then the stream closes at once (a reset for
+        kqfast.Server's streams, whose peers must not take a cut reply for a whole one)."""
+        if not isinstance(exc, OSError):
+            self.report(exc, message)
+        self.force_close(exc, self.served())
+
+    cdef report(self, exc, message):
+        self.loop.call_exception_handler({"message": message, "exception": exc,
+                                          "transport": self.transport,
+                                          "protocol": self.protocol})
+
+    cdef force_close(self, exc, bint reset):
+        """Ends the stream now, dropping queued output; connection_lost(exc) follows."""
+        if self.ended:
+            return
+        self.closing = True
+        self.end(False, reset)
+        self.loop.call_soon(self.call_connection_lost, exc)
+
+    cdef end(self, bint graceful, bint reset):
+        """The fd stops being this stream's: closed, or for kqfast.Server's streams closed
+        gracefully by the core on its own (shut down, linger)."""
+        cdef LoopCore *L = &self.reactor.core
+        cdef Conn *c = self.conn()
+        if c is NULL:
+            self.ended = True
+            return
+        # Names stay known after the close, as asyncio's transports know them.
+        self.get_extra_info("sockname", None)
+        self.get_extra_info("peername", None)
+        self.ended = True
+        if self.sock is not None:
+            self.sock.detach()  # the socket object must never close a number it lost
+        c.transport = NULL
+        c.flags &= ~(C_PY | C_LINE | C_BUFFERED)
+        if graceful and c.flags & C_SERVED:
+            timer_push(L, self.fd, T_CLOSING)
+            finish_write_side(L, self.fd)
+        else:
+            close_now(L, self.fd, reset)
+        Py_DECREF(self)  # the table's reference
+
+    def call_connection_lost(self, exc):
+        try:
+            if self.protocol_connected:
+                self.protocol.connection_lost(exc)
+        finally:
+            self.protocol = None
+            if self.server is not None:
+                if _ATTACH_TAKES_TRANSPORT:
+                    self.server._detach(self.transport)
+                else:
+                    self.server._detach()
+                self.server = None
+
+    # ---- what the stream is -----------------------------------------------------------
+
+    cdef object socket_object(self):
+        if self.sock is None and not self.ended:
+            self.sock = _socket.socket(fileno=self.fd)
+        return self.sock
+
+    cdef get_extra_info(self, name, default):
+        if name == "socket":
+            sock = self.socket_object()
+            return None if sock is None else _trsock.TransportSocket(sock)
+        if name in ("sockname", "peername"):
+            if name not in self.extra:
+                sock = self.socket_object()
+                try:
+                    self.extra[name] = (sock.getsockname() if name == "sockname" else
+                                        sock.getpeername())
+                except (OSError, AttributeError):
+                    return None  # ended before anyone asked
+            return self.extra[name]
+        return self.extra.get(name, default)

@@ -1,0 +1,141 @@
+"""kqfast.Loop: an asyncio event loop whose TCP and Unix stream transports live in kqfast's
+nogil core.  It is the standard library's Unix selector loop with its hot parts replaced:
+the selector is kqfast's poller, each iteration runs the core's pass (accept, read, write,
+EOF and write buffering in C without the GIL, protocol callbacks batched under one GIL
+acquisition), and stream sockets become core streams.  Everything else (timers, tasks,
+executors, signals, subprocesses, pipes, datagrams, TLS on top of the streams) is the
+standard library's own code, running unchanged."""
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+import threading
+from asyncio import sslproto
+from asyncio.runners import _cancel_all_tasks
+
+from kqfast import _core
+
+__all__ = ["Loop", "new_event_loop", "run", "EventLoopPolicy"]
+
+
+class Loop(asyncio.SelectorEventLoop):
+    """An asyncio event loop on kqfast's core (asyncio.AbstractEventLoop in full)."""
+
+    def __init__(self) -> None:
+        self._reactor = _core.Reactor()
+        super().__init__(_core.KqSelector(self._reactor))
+        self._reactor.attach(self)
+
+    # The iteration, in C: asyncio's _run_once plus the core's pass.
+    _run_once = _core.run_once
+
+    def time(self) -> float:
+        return _core.monotonic()
+
+    # The thread that runs the loop: transports refuse calls from any other.
+    @property
+    def _thread_id(self):
+        return self._reactor.thread_id or None
+
+    @_thread_id.setter
+    def _thread_id(self, ident) -> None:
+        self._reactor.thread_id = ident
+
+    def run_forever(self) -> None:
+        """As asyncio's; in the main thread the signal wakeup fd is the loop's self-pipe
+        while it runs (as uvloop does), so Ctrl-C ends a nogil wait at once."""
+        old = None
+        watch = threading.current_thread() is threading.main_thread() and not self.is_closed()
+        if watch:
+            old = signal.set_wakeup_fd(self._csock.fileno())
+        try:
+            super().run_forever()
+        finally:
+            if watch:
+                signal.set_wakeup_fd(old)
+
+    # ---- streams on the core ---------------------------------------------------------
+
+    def _make_socket_transport(self, sock, protocol, waiter=None, *, extra=None, server=None):
+        self._ensure_fd_no_transport(sock)
+        return _core.adopt(self._reactor, sock, protocol, waiter, extra, server)
+
+    def _make_ssl_transport(self, rawsock, protocol, sslcontext, waiter=None, *,
+                            server_side=False, server_hostname=None, extra=None, server=None,
+                            **timeouts):
+        """TLS is asyncio's SSLProtocol over a core stream (timeouts: what this Python's
+        SSLProtocol takes)."""
+        self._ensure_fd_no_transport(rawsock)
+        ssl_protocol = sslproto.SSLProtocol(self, protocol, sslcontext, waiter, server_side,
+                                            server_hostname, **timeouts)
+        _core.adopt(self._reactor, rawsock, ssl_protocol, None, extra, server)
+        return ssl_protocol._app_transport
+
+    def _start_serving(self, protocol_factory, sock, sslcontext=None, server=None,
+                       backlog=100, *timeouts):
+        if sslcontext:
+            # The handshake needs a task per connection: accepted the standard way, served
+            # over a core stream (_make_ssl_transport).
+            super()._start_serving(protocol_factory, sock, sslcontext, server, backlog,
+                                   *timeouts)
+            return
+        self._reactor.add_listener(sock, _core.Source(sock, protocol_factory, server, False))
+
+    def _stop_serving(self, sock) -> None:
+        if self._reactor.remove_listener(sock.fileno()):
+            sock.close()
+        else:
+            super()._stop_serving(sock)
+
+    def _ensure_fd_no_transport(self, fd) -> None:
+        super()._ensure_fd_no_transport(fd)
+        fileno = fd if isinstance(fd, int) else fd.fileno()
+        transport = self._reactor.transport_of(fileno)
+        if transport is not None and not transport.is_closing():
+            raise RuntimeError(f"File descriptor {fd!r} is used by transport {transport!r}")
+
+    def close(self) -> None:
+        if self.is_running():
+            raise RuntimeError("Cannot close a running event loop")
+        if self.is_closed():
+            return
+        self._reactor.abort_streams(notify=False)
+        super().close()
+
+
+def new_event_loop() -> Loop:
+    """A new kqfast.Loop (the factory for asyncio.Runner, asyncio.run and uvicorn)."""
+    return Loop()
+
+
+class EventLoopPolicy(asyncio.DefaultEventLoopPolicy):
+    """An event loop policy whose loops are kqfast.Loop."""
+
+    _loop_factory = Loop
+
+
+def run(main, *, debug=None):
+    """Runs the coroutine main on a new kqfast.Loop and closes it, as asyncio.run does."""
+    if sys.version_info >= (3, 11):
+        with asyncio.Runner(loop_factory=new_event_loop, debug=debug) as runner:
+            return runner.run(main)
+    # asyncio.run of Python 3.9 and 3.10, on kqfast's loop.
+    if asyncio.events._get_running_loop() is not None:
+        raise RuntimeError("kqfast.run() cannot be called from a running event loop")
+    if not asyncio.iscoroutine(main):
+        raise ValueError(f"a coroutine was expected, got {main!r}")
+    loop = new_event_loop()
+    try:
+        asyncio.set_event_loop(loop)
+        if debug is not None:
+            loop.set_debug(debug)
+        return loop.run_until_complete(main)
+    finally:
+        try:
+            _cancel_all_tasks(loop)
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.run_until_complete(loop.shutdown_default_executor())
+        finally:
+            asyncio.set_event_loop(None)
+            loop.close()

@@ -1,0 +1,469 @@
+# The Reactor: one LoopCore as a Python object.  kqfast.Server's native loops run it on its
+# own (run(): the nogil cycle until stop); a kqfast.Loop runs it once per asyncio iteration
+# (poll(), then the Python pass in dispatch.pxi).  Everything here is set-up, lifecycle and
+# thread-safe requests; the per-event work is in core/.
+import logging as _logging
+import threading as _threading
+from collections import deque as _deque
+
+cimport cython
+from cpython.pythread cimport PyThread_get_thread_ident
+
+_log = _logging.getLogger("kqfast")
+
+cdef class StreamHandle
+
+
+cdef class NativeHandler:
+    """A handler that runs entirely in C, never taking the GIL."""
+    cdef readonly str name
+
+    def __cinit__(self, str name):
+        self.name = name
+
+    def __repr__(self):
+        return f"kqfast.{self.name.upper()}"
+
+
+ECHO = NativeHandler("echo")
+LINE_ECHO = NativeHandler("line_echo")
+
+
+cdef class Source:
+    """What a listener or inbox makes streams for: the socket it accepts from (kept open while
+    it serves), the protocol factory and the asyncio Server, if any."""
+    cdef readonly object sock
+    cdef readonly object protocol_factory
+    cdef readonly object server
+    cdef readonly bint served
+
+    def __cinit__(self, sock, protocol_factory, server, bint served):
+        self.sock, self.protocol_factory, self.server = sock, protocol_factory, server
+        self.served = served
+
+
+# final: the core is reached through self.core directly (no vtable), so the C compiler can
+# inline the hot path's small steps.
+@cython.final
+cdef class Reactor:
+    """A poller and the fd table of everything it watches."""
+    cdef LoopCore core
+    cdef bint configured
+    cdef long owner_pid
+    cdef dict sources               # fd -> Source: listeners and inboxes
+    cdef object inbox_w             # the write end of this reactor's inbox, if any
+    cdef object calls               # call_soon_threadsafe() of a native server
+    cdef object pending_exc
+    # The asyncio loop this reactor serves, the thread that runs it (0: not running), the
+    # handle its iteration runs the Python pass for, and sources removed in this iteration
+    # (their streams accepted before the removal are still made).
+    cdef object loop
+    cdef unsigned long thread_id
+    cdef readonly object io_handle
+    cdef dict retired
+    cdef object on_drained
+
+    def __cinit__(self):
+        cdef LoopCore *L = &self.core
+        L.reserve_fd = -1
+        L.poller = kq_poller_create()
+        if L.poller is NULL:
+            PyErr_SetFromErrno(OSError)
+        L.nconns = fd_table_size()
+        # The table is touched only where fds land, so idle memory is what connections use.
+        L.conns = <Conn *>calloc(L.nconns, sizeof(Conn))
+        L.rbuf = <char *>malloc(READ_CHUNK)
+        L.records = <Record *>malloc(RECORD_CAP * sizeof(Record))
+        L.arena = <char *>malloc(ARENA_SIZE)
+        if L.conns is NULL or L.rbuf is NULL or L.records is NULL or L.arena is NULL:
+            raise MemoryError()
+        timers_init(L)
+        L.handler = H_PROTOCOL
+        L.max_line = L.high_water = 65536
+        L.low_water = 16384
+        L.max_output = L.max_connections = <int>0x7FFFFFFF
+        self.sources = {}
+        self.retired = {}
+        self.calls = _deque()
+        self.owner_pid = _os.getpid()
+
+    def __dealloc__(self):
+        cdef LoopCore *L = &self.core
+        if L.reserve_fd >= 0:
+            c_close(L.reserve_fd)
+        kq_poller_free(L.poller)
+        free(L.conns)
+        free(L.rbuf)
+        free(L.records)
+        free(L.arena)
+        free(L.handoff_fds)
+
+    def configure(self, handler, *, max_line, high_water, low_water, max_output, idle_timeout,
+                  linger_timeout, max_connections):
+        """Sets what serves the streams of served sources and the limits they live by."""
+        cdef LoopCore *L = &self.core
+        if handler is ECHO:
+            L.handler = H_ECHO
+        elif handler is LINE_ECHO:
+            L.handler = H_LINE_ECHO
+        else:
+            L.handler = H_PROTOCOL
+        L.max_line, L.high_water, L.low_water = max_line, high_water, low_water
+        L.max_output = max_output
+        timers_configure(L, idle_timeout, linger_timeout)
+        L.max_connections = max_connections
+        L.reserve_fd = kq_open_reserve()
+        self.configured = True
+
+    def add_listener(self, sock, Source source):
+        """Accepts from sock in C from now on; its streams are source's."""
+        cdef int fd = sock.fileno()
+        cdef uint32_t flags = (C_SERVED if source.served else 0) | (
+            C_UNIX if sock.family == AF_UNIX else 0)
+        self.check_free(fd)
+        if open_entry(&self.core, fd, K_LISTENER, flags, KQ_READABLE, <PyObject *>source) < 0:
+            PyErr_SetFromErrno(OSError)
+        self.sources[fd] = source
+
+    def remove_listener(self, int fd):
+        """Stops accepting from fd (its socket stays open: its owner closes it); False when
+        fd was no listener of this reactor."""
+        source = self.sources.pop(fd, None)
+        if source is None:
+            return False
+        self.retired[(fd, self.core.conns[fd].gen)] = source
+        close_entry(&self.core, fd)
+        return True
+
+    def open_inbox(self, Source source):
+        """Makes this reactor a hand-off target: streams arrive as fds on a pipe."""
+        r, w = _os.pipe()  # close-on-exec, as every fd Python makes
+        _os.set_blocking(r, False)
+        _os.set_blocking(w, False)
+        if open_entry(&self.core, r, K_INBOX, C_SERVED if source.served else 0, KQ_READABLE,
+                      <PyObject *>source) < 0:
+            PyErr_SetFromErrno(OSError)
+        self.sources[r] = source
+        self.inbox_w = w
+
+    def hand_off_to(self, list reactors):
+        """This (accepting) reactor spreads its new streams over reactors, round-robin."""
+        cdef Reactor other
+        self.core.handoff_fds = <int *>malloc(len(reactors) * sizeof(int))
+        if self.core.handoff_fds is NULL:
+            raise MemoryError()
+        for i, other in enumerate(reactors):
+            self.core.handoff_fds[i] = -1 if other is self else other.inbox_w
+        self.core.nhandoff = len(reactors)
+
+    cdef check_free(self, int fd):
+        if fd < 0 or fd >= self.core.nconns:
+            raise ValueError(f"fd {fd} is outside this loop's table (the fd limit)")
+        # A watched fd gives way: the selector's entry may be one whose fd Python closed.
+        if self.core.conns[fd].kind not in (K_FREE, K_WATCHED):
+            raise RuntimeError(f"fd {fd} is already in use by this loop")
+
+    # ---- an asyncio loop's reactor ----------------------------------------------------
+
+    def attach(self, loop):
+        """Serves the asyncio loop loop: its streams' callbacks go through it."""
+        self.loop = loop
+        self.io_handle = _asyncio.Handle(dispatch_handle, (self,), loop)
+
+    @property
+    def thread_id(self):
+        return self.thread_id
+
+    @thread_id.setter
+    def thread_id(self, ident):
+        self.thread_id = ident or 0
+
+    def watch(self, int fd, int mask):
+        """The selector's registration of fd: interest in mask (KQ_READABLE|KQ_WRITABLE)."""
+        cdef Conn *c
+        if fd < 0 or fd >= self.core.nconns:
+            raise ValueError(f"fd {fd} is outside this loop's table (the fd limit)")
+        c = &self.core.conns[fd]
+        if c.kind == K_WATCHED:
+            if set_mask(&self.core, fd, mask) < 0:
+                PyErr_SetFromErrno(OSError)
+        elif c.kind == K_FREE:
+            if open_entry(&self.core, fd, K_WATCHED, 0, mask, NULL) < 0:
+                PyErr_SetFromErrno(OSError)
+        else:
+            raise RuntimeError(f"fd {fd} is used by a kqfast transport or server")
+
+    def unwatch(self, int fd):
+        if 0 <= fd < self.core.nconns and self.core.conns[fd].kind == K_WATCHED:
+            close_entry(&self.core, fd)
+
+    def poll(self, timeout, dict fd_to_key):
+        """One nogil pass: waits up to timeout seconds (None: until something happens),
+        serves the streams in C, leaves records for dispatch(); returns the selector's
+        ready keys as [(key, events)]."""
+        cdef LoopCore *L = &self.core
+        cdef int ms = 0 if records_pending(self) else timeout_ms(timeout)
+        cdef int n, i, mask, events
+        with nogil:
+            n = poll_once(L, ms)
+        if n < 0:
+            if errno != EINTR:
+                L.wait_errno = errno
+                L.wait_failures += 1
+                self.report_wait_error()
+            PyErr_CheckSignals()  # Ctrl-C during the wait raises here
+            return []
+        L.wait_failures = 0
+        if self.on_drained is not None and L.n_current == 0:
+            callback, self.on_drained = self.on_drained, None
+            callback()
+        if L.nwatched == 0:
+            return []
+        ready = []
+        for i in range(L.nwatched):
+            key = fd_to_key.get(L.watched[i].fd)
+            if key is None:
+                continue
+            mask = L.watched[i].mask
+            events = (_EVENT_READ if mask & KQ_READABLE else 0) | (
+                _EVENT_WRITE if mask & KQ_WRITABLE else 0)
+            if events & key.events:
+                ready.append((key, events & key.events))
+        L.nwatched = 0
+        return ready
+
+    def transport_of(self, int fd):
+        """The Transport of the stream at fd, or None."""
+        cdef Conn *c
+        if fd < 0 or fd >= self.core.nconns:
+            return None
+        c = &self.core.conns[fd]
+        if c.kind != K_STREAM or c.transport is NULL:
+            return None
+        return (<StreamHandle>c.transport).transport
+
+    def when_drained(self, callback):
+        """Calls callback() once no stream is left (now, if none is)."""
+        self.on_drained = callback
+        kq_poller_wake(self.core.poller)
+
+    def close_streams(self):
+        """Closes every stream gracefully: what was read is delivered first, then each
+        flushes and closes (a stopping server's)."""
+        cdef LoopCore *L = &self.core
+        cdef int fd
+        cdef StreamHandle h
+        dispatch(self)
+        for fd in range(L.nconns):
+            if L.conns[fd].kind == K_STREAM and L.conns[fd].transport is not NULL:
+                h = <StreamHandle>L.conns[fd].transport
+                h.close()
+
+    def abort_streams(self, bint notify=True):
+        """Closes every stream at once; with notify, the protocols get connection_lost(None)
+        (a closing loop, like asyncio's, tells them nothing)."""
+        cdef LoopCore *L = &self.core
+        cdef int fd
+        cdef StreamHandle h
+        for fd in range(L.nconns):
+            if L.conns[fd].kind != K_STREAM:
+                continue
+            if L.conns[fd].transport is NULL:
+                close_now(L, fd, True)
+                continue
+            h = <StreamHandle>L.conns[fd].transport
+            if notify:
+                h.force_close(None, True)
+            else:
+                h.closing = True
+                h.end(False, True)
+
+    def stop_serving(self):
+        """Closes the listeners and inboxes a kqfast.Server gave this reactor; False when
+        there were none (left)."""
+        if not self.sources:
+            return False
+        self.release_sources()
+        return True
+
+    # ---- a native server's loop ---------------------------------------------------------
+
+    def run(self):
+        """Serves until stop(); re-raises KeyboardInterrupt/SystemExit from thread-safe calls
+        or signals after closing everything."""
+        if _os.getpid() != self.owner_pid:
+            raise RuntimeError("this kqfast loop was created in another process (before "
+                               "fork); create the server in the process that serves")
+        if not self.configured or self.core.finished:
+            raise RuntimeError("the loop is not configured or has already run")
+        old_wakeup = self.watch_signals()
+        self.core.now = kq_monotonic()
+        try:
+            while not self.core.finished:
+                with nogil:
+                    run_native(&self.core)
+                self.check_signals()
+                self.run_calls()
+                if self.core.wait_errno:
+                    self.report_wait_error()
+                if self.pending_exc is not None:
+                    break
+        finally:
+            self.teardown(old_wakeup)
+        if self.pending_exc is not None:
+            exc, self.pending_exc = self.pending_exc, None
+            raise exc
+
+    cdef check_signals(self):
+        if self.core.signal_pending:
+            self.core.signal_pending = 0
+            try:
+                PyErr_CheckSignals()
+            except BaseException as exc:
+                self.pending_exc = exc
+
+    cdef run_calls(self):
+        """Runs what call_soon_threadsafe() scheduled."""
+        kq_store(&self.core.calls_pending, 0)
+        for _ in range(len(self.calls)):
+            callback, args = self.calls.popleft()
+            try:
+                callback(*args)
+            except (KeyboardInterrupt, SystemExit) as exc:
+                if self.pending_exc is None:
+                    self.pending_exc = exc
+            except BaseException:
+                _log.exception("kqfast: a call_soon_threadsafe() callback failed")
+        if self.calls:
+            kq_store(&self.core.calls_pending, 1)
+
+    cdef report_wait_error(self):
+        """A failed wait is logged and retried: kernels report errnos their manuals do not
+        list (Darwin's ETIMEDOUT).  Only a wait that keeps failing stops the loop."""
+        err, self.core.wait_errno = self.core.wait_errno, 0
+        if self.core.wait_failures >= 100:
+            raise OSError(err, f"the poller keeps failing: {_os.strerror(err)}")
+        _log.warning("kqfast: poller wait failed (%s); retrying", _os.strerror(err))
+
+    cdef object watch_signals(self):
+        """In the main thread, Python's signal wakeup fd joins the poll set, so Ctrl-C wakes
+        the nogil wait even when it arrives just before it (no EINTR then)."""
+        import signal
+        if _threading.current_thread() is not _threading.main_thread():
+            return None
+        import socket
+        rsock, wsock = socket.socketpair()
+        rsock.setblocking(False)
+        wsock.setblocking(False)
+        old = signal.set_wakeup_fd(wsock.fileno(), warn_on_full_buffer=False)
+        open_entry(&self.core, rsock.fileno(), K_SIGNAL, 0, KQ_READABLE, NULL)
+        return (old, rsock, wsock)
+
+    cdef teardown(self, old_wakeup):
+        cdef LoopCore *L = &self.core
+        cdef int fd
+        L.stopping = 1
+        self.release_sources()
+        for fd in range(L.nconns):
+            if L.conns[fd].kind == K_STREAM:
+                close_now(L, fd, True)
+        self.run_calls()
+        if L.reserve_fd >= 0:
+            c_close(L.reserve_fd)
+            L.reserve_fd = -1
+        if old_wakeup is not None:
+            import signal
+            old, rsock, wsock = old_wakeup
+            signal.set_wakeup_fd(old)
+            close_entry(L, rsock.fileno())
+            rsock.close()
+            wsock.close()
+        L.finished = 1
+
+    cdef release_sources(self):
+        """Stops accepting; fds handed over but not yet admitted are reset."""
+        cdef int fd
+        close_sources(&self.core)
+        for ifd, source in self.sources.items():
+            if source.sock is None:  # an inbox
+                while (fd := kq_read_fd(ifd)) >= 0:
+                    kq_abort_fd(fd)
+                _os.close(ifd)
+            elif source.served:
+                source.sock.close()
+        self.sources.clear()
+        if self.inbox_w is not None:
+            _os.close(self.inbox_w)
+            self.inbox_w = None
+
+    def close(self):
+        """Releases the listeners and fds of a native loop that will not run (again)."""
+        cdef LoopCore *L = &self.core
+        if L.finished:
+            return
+        if _os.getpid() != self.owner_pid:
+            # A forked child shares the parent's epoll instance: deregistering anything would
+            # deregister it for the parent.  Closing the child's copies of the fds is enough.
+            for source in self.sources.values():
+                if source.sock is not None:
+                    source.sock.close()
+            if L.reserve_fd >= 0:
+                c_close(L.reserve_fd)
+                L.reserve_fd = -1
+            L.finished = 1
+            return
+        self.teardown(None)
+
+    def request_stop(self, double timeout):
+        """Thread-safe: stop accepting, let output flush for up to timeout seconds, close."""
+        if not kq_load(&self.core.stop_requested):
+            self.core.stop_deadline = kq_monotonic() + timeout
+            kq_store(&self.core.stop_requested, 1)
+        kq_poller_wake(self.core.poller)
+
+    def call_soon_threadsafe(self, callback, *args):
+        """Runs callback(*args) on a native loop's thread, soon."""
+        self.calls.append((callback, args))
+        kq_store(&self.core.calls_pending, 1)
+        kq_poller_wake(self.core.poller)
+
+    def wake(self):
+        """Thread-safe: ends the current wait."""
+        kq_poller_wake(self.core.poller)
+
+    def stats(self):
+        cdef LoopCore *L = &self.core
+        return {
+            "connections_current": L.n_current,
+            "connections_total": L.n_total,
+            "connections_rejected": L.n_rejected,
+            "timeouts": L.n_timeouts,
+            "errors": L.n_errors,
+            "bytes_in": L.bytes_in,
+            "bytes_out": L.bytes_out,
+        }
+
+    @property
+    def listen_fileno(self):
+        """The first listener's fd (-1: none)."""
+        for fd, source in self.sources.items():
+            if source.sock is not None:
+                return fd
+        return -1
+
+    def _feed_events(self, list events):
+        """Test hook: handles [(fd, mask, err)] as if the poller had returned them, then
+        runs the Python pass and the callbacks it scheduled.  Lets the fuzz tests send what a
+        kernel rarely does."""
+        cdef int n = min(len(events), EVENT_CAP)
+        for i in range(n):
+            self.core.events[i].fd, self.core.events[i].mask, self.core.events[i].err = events[i]
+        self.core.now = kq_monotonic()
+        handle_events(&self.core, n)
+        self.core.nwatched = 0
+        dispatch(self)
+        ready = self.loop._ready
+        while ready:
+            handle = ready.popleft()
+            if not handle._cancelled:
+                handle._run()
