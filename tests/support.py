@@ -161,6 +161,8 @@ def connect_refused(address, family: int = socket.AF_INET) -> bool:
             sock.connect(address)
         except (ConnectionRefusedError, FileNotFoundError):
             return True
+        except ConnectionResetError:
+            return False  # queued as the listener closed: the next try is refused
     return False
 
 

@@ -88,6 +88,13 @@ class Loop(asyncio.SelectorEventLoop):
         else:
             super()._stop_serving(sock)
 
+    def _sock_connect_cb(self, fut, sock, address) -> None:
+        err = self._reactor.take_error(sock.fileno())
+        if err and not fut.done():
+            fut.set_exception(OSError(err, f"Connect call failed {address}"))
+            return
+        super()._sock_connect_cb(fut, sock, address)
+
     def _ensure_fd_no_transport(self, fd) -> None:
         super()._ensure_fd_no_transport(fd)
         fileno = fd if isinstance(fd, int) else fd.fileno()

@@ -232,6 +232,15 @@ cdef class Reactor:
         L.nwatched = 0
         return ready
 
+    def take_error(self, int fd):
+        """The socket error the poller reported with a watched fd's last hang-up (0: none),
+        cleared.  libkqueue fetches it with SO_ERROR to fill EV_EOF's fflags, which clears it
+        on the socket: a failed connect() would look like a success without this."""
+        cdef int err = 0
+        if 0 <= fd < self.core.nconns and self.core.conns[fd].kind == K_WATCHED:
+            err, self.core.conns[fd].hangup_err = self.core.conns[fd].hangup_err, 0
+        return err
+
     def transport_of(self, int fd):
         """The Transport of the stream at fd, or None."""
         cdef Conn *c

@@ -67,6 +67,7 @@ cdef int open_entry(LoopCore *L, int fd, int kind, uint32_t flags, int mask,
     if kq_poller_set(L.poller, fd, 0, mask) < 0:
         return -1
     c.kind = kind
+    c.hangup_err = 0
     c.flags = C_OPEN | flags
     c.mask = mask
     c.transport = obj
