@@ -1,13 +1,14 @@
-"""The Python peers: asyncio's event loop, or uvloop's with --loop uvloop, serving the very
-protocol class kqfast-echo --handler python runs (kqfast.echo.EchoProtocol, a plain
-asyncio.Protocol), so only the loop under it differs.
+"""The asyncio.Protocol echo on any asyncio event loop (--loop asyncio|uvloop|rloop|kqfast),
+serving the very protocol class kqfast-echo --handler python runs (kqfast.echo.EchoProtocol,
+a plain asyncio.Protocol), so only the loop under it differs.
 
-Usage: asyncio_echo.py [--loop asyncio|uvloop] [PORT].  Prints kqfast-echo's ready line on
-stderr (port 0, the default, picks a free port)."""
+Usage: asyncio_echo.py [--loop NAME] [PORT].  Prints kqfast-echo's ready line on stderr
+(port 0, the default, picks a free port)."""
 import argparse
 import asyncio
 import sys
 
+from _loops import LOOPS, run
 from kqfast.echo import EchoProtocol
 
 
@@ -21,14 +22,10 @@ async def serve(name: str, port: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
+    parser.add_argument("--loop", choices=LOOPS, default="asyncio")
     parser.add_argument("port", type=int, nargs="?", default=0)
     args = parser.parse_args()
-    if args.loop == "uvloop":
-        import uvloop
-        uvloop.run(serve(args.loop, args.port))
-    else:
-        asyncio.run(serve(args.loop, args.port))
+    run(lambda: serve(args.loop, args.port), args.loop)
 
 
 if __name__ == "__main__":
