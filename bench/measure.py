@@ -108,7 +108,7 @@ class Window:
 def load(argv: tuple, workload: Workload, duration: float, warmup: float, cpus: Cpus,
          log: Path, on_event=None, window: Window | None = None) -> dict:
     """Runs kqfast-bench against a fresh server; returns kqfast-bench's report plus the
-    server's cost per request over exactly kqfast-bench's measured window ("server"; from
+    server's cost per request over exactly kqfast-bench's measured window ("cost"; from
     `window`, by default the native instruments that work here) and, for the native pass, its
     tick-sampled CPU ("server_cpu", psutil).  on_event(event, server) is called once the server
     is ready, before any load ("ready"), and as the measured window opens ("start") and closes
@@ -148,12 +148,12 @@ def load(argv: tuple, workload: Workload, duration: float, warmup: float, cpus: 
     if not ended or not out:
         return {"failed": "".join(stderr).strip()[-500:] or f"kqfast-bench exit {client.returncode}"}
     report = json.loads(out)
-    report["server"] = window.figures(report["requests"], report["duration"])
+    report["cost"] = window.figures(report["requests"], report["duration"])
     if window.kind == "native":
         report["server_cpu"] = {  # the tick-sampled figures, kept as an extra column
-            "user_us_per_request": report["server"]["tick_user_us_per_request"],
-            "system_us_per_request": report["server"]["tick_system_us_per_request"],
-            "busy": report["server"]["busy"],
+            "user_us_per_request": report["cost"]["tick_user_us_per_request"],
+            "system_us_per_request": report["cost"]["tick_system_us_per_request"],
+            "busy": report["cost"]["busy"],
         }
     cpu = report["client_cpu"]
     cpu["busy"] = (cpu["user_s"] + cpu["system_s"]) / report["duration"]
@@ -217,7 +217,7 @@ def http_load(argv: tuple, connections: int, duration: float, warmup: float, cpu
     report["connections"] = connections
     report["requests_per_second"] = report["requests"] / report["duration"]
     report["errors"] = sum(report["errors"].values())
-    report["server"] = window.figures(report["requests"], report["duration"])
+    report["cost"] = window.figures(report["requests"], report["duration"])
     return report
 
 
