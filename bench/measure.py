@@ -115,6 +115,7 @@ def load(argv: tuple, workload: Workload, duration: float, warmup: float, cpus: 
     ("end")."""
     if window is None:
         window = Window("native", {"schedstat": None, "perf": "not asked for"}, log.parent)
+    client = None
     with Running(window.argv(argv), cpus.server, log, window.ready_timeout) as server:
         try:
             window.ready(server.pid)
@@ -145,6 +146,9 @@ def load(argv: tuple, workload: Workload, duration: float, warmup: float, cpus: 
             stderr.append(rest)
         finally:
             window.close()
+            if client is not None and client.poll() is None:  # interrupted: no orphan load
+                client.kill()
+                client.wait()
     if not ended or not out:
         return {"failed": "".join(stderr).strip()[-500:] or f"kqfast-bench exit {client.returncode}"}
     report = json.loads(out)

@@ -19,6 +19,7 @@ import os
 import platform
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -437,17 +438,36 @@ def main() -> int:
     runner.unavailable = unavailable
     started = time.monotonic()
     spent = 0.0
+    stop = []
+
+    def on_sigint(signum, frame):
+        # Remembered as well as raised: a KeyboardInterrupt raised inside a callback (an
+        # at-fork handler, a __del__) is printed and dropped by Python.
+        stop.append(signum)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_sigint)
+    lists = (runner.load_runs, runner.http_runs, runner.idle_runs, runner.gil_runs)
     try:
         for i, phase in enumerate(phases):
-            run = runner.measure(phase)
+            lengths = [len(runs) for runs in lists]
+            try:
+                run = runner.measure(phase)
+            finally:
+                if stop:  # the measurement the Ctrl-C broke into is not one
+                    for runs, n in zip(lists, lengths):
+                        del runs[n:]
+            if stop:
+                raise KeyboardInterrupt
             runner.done = i + 1
             spent += phase.estimate
             elapsed = time.monotonic() - started
             rest = sum(p.estimate for p in phases[i + 1:]) * (elapsed / spent if spent else 1)
+            runner.write_json(planned)
             print(f"[{i + 1}/{planned}] {phase.name} round {phase.round + 1}/{args.rounds}: "
                   f"{describe(phase, run)} (eta {clock(rest)})", file=sys.stderr, flush=True)
-            runner.write_json(planned)
     except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
         runner.interrupted = f"Ctrl-C after {runner.done} of {planned} measurements"
         print(f"run.py: interrupted: {runner.interrupted}; writing what was measured",
               file=sys.stderr, flush=True)
