@@ -93,6 +93,8 @@ class Window:
             out[name] = count
             out[f"{name}_per_request"] = count / requests if count is not None and requests \
                 else None
+        if self.kind == "callgrind" and "instructions" in self.parts:
+            out["callgrind_lag_s"] = self.parts["instructions"].lag
         if self.kind == "native" and self.cpu1 is not None:
             user = self.cpu1.user - self.cpu0.user
             system = self.cpu1.system - self.cpu0.system
