@@ -36,6 +36,13 @@ def missing(name: str) -> str | None:
     return None
 
 
+async def forever() -> None:
+    """Serves until the process is stopped.  Not Server.serve_forever(): rloop 0.5's starts
+    serving a second time a server create_server has started, and stops accepting (or
+    panics) from then on; the servers here already serve once create_server returns."""
+    await asyncio.get_running_loop().create_future()
+
+
 def run(main, name: str):
     """asyncio.run(main()) on a fresh loop from `name`'s factory."""
     make = factory(name)

@@ -8,7 +8,7 @@ import argparse
 import asyncio
 import sys
 
-from _loops import LOOPS, run
+from _loops import LOOPS, forever, run
 from kqfast.echo import EchoProtocol
 
 
@@ -17,7 +17,7 @@ async def serve(name: str, port: int) -> None:
     server = await loop.create_server(EchoProtocol, "127.0.0.1", port, backlog=1024)
     print(f"{name}_echo: listening on 127.0.0.1:{server.sockets[0].getsockname()[1]}",
           file=sys.stderr, flush=True)
-    await server.serve_forever()
+    await forever()
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ import asyncio
 import socket
 import sys
 
-from _loops import LOOPS, run
+from _loops import LOOPS, forever, run
 
 
 async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -33,7 +33,7 @@ async def serve(name: str, port: int) -> None:
     server = await asyncio.start_server(echo, "127.0.0.1", port, backlog=1024)
     print(f"{name}_streams_echo: listening on 127.0.0.1:{server.sockets[0].getsockname()[1]}",
           file=sys.stderr, flush=True)
-    await server.serve_forever()
+    await forever()
 
 
 def main() -> None:

@@ -51,7 +51,13 @@ def main() -> None:
     parser.add_argument("--loop", choices=LOOPS, default="asyncio")
     parser.add_argument("port", type=int, nargs="?", default=0)
     args = parser.parse_args()
-    sock = socket.create_server(("127.0.0.1", args.port), backlog=1024)
+    # proto IPPROTO_TCP, as loop.create_server makes them: asyncio sets TCP_NODELAY only on
+    # sockets that say so (socket.create_server's say 0), and without it every response
+    # written in two parts waits 40 ms for the client's delayed ACK.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", args.port))
+    sock.listen(1024)
     module, attr, _ = FACTORIES[args.loop]
     takes = uvicorn_takes_factories()
     config = uvicorn.Config(app, http="httptools", lifespan="off", access_log=False,
