@@ -94,6 +94,8 @@ def figure_table(results: dict, figure: str) -> list[str]:
     rows = [[label] + [_fig(figure, results["load"].get(w, {}).get(key, {}).get(figure))
                        for w in workloads]
             for key, label in results["servers"].items()]
+    rows += [[f"{key}: missing"] + ["—"] * len(workloads) for key in results["missing"]
+             if not key.startswith("uvicorn-")]
     return _table(header, rows)
 
 
@@ -144,6 +146,8 @@ def http_table(results: dict) -> list[str]:
                      _num(m["p99"], 0), _num(m["p99.9"], 0),
                      _fig("instructions", m["instructions"]), _fig("syscalls", m["syscalls"]),
                      _fig("cpu_ns", m["cpu_ns"]), _pct(m["server_busy"]), str(m["errors"])])
+    rows += [[f"{key}: missing"] + ["—"] * (len(header) - 1) for key in results["missing"]
+             if key.startswith("uvicorn-")]
     return _table(header, rows)
 
 
@@ -232,7 +236,7 @@ def markdown(results: dict) -> str:
     for figure in FIGURES:
         lines += [f"### {FIGURE_NAMES[figure][0].upper()}{FIGURE_NAMES[figure][1:]}", ""]
         lines += figure_table(results, figure)
-    if results["http_servers"]:
+    if results["http_servers"] or any(k.startswith("uvicorn-") for k in results["missing"]):
         lines += ["### uvicorn + httptools hello world, wrk -t1 -c50", ""] + http_table(results)
     lines += ["### Requests per second", ""] + throughput_table(results)
     lines += ["### Ratios (medians of per-round ratios)", ""] + ratio_table(results)

@@ -8,9 +8,9 @@ with the load generator (kqfast-bench, or wrk for HTTP) pinned to CPU 1.  Each s
 per request is read over exactly the load generator's measured window in figures that do not
 depend on the scheduler's tick sampling: CPU ns (schedstat) and system calls (perf) in the
 normal pass, user-space instructions (callgrind) in a pass of its own under valgrind.  Medians
-over rounds are reported, target ratios as the median of each round's ratio.  results.json is
-rewritten after every measurement; results.md and the PNG charts are written at the end, and
-on Ctrl-C from what was measured so far, under bench/results/ (or --out)."""
+over rounds are reported, target ratios as the median of each round's ratio.  results.json and
+results.md are rewritten after every measurement, the PNG charts written at the end (and on
+Ctrl-C, from what was measured so far), under bench/results/ (or --out)."""
 from __future__ import annotations
 
 import argparse
@@ -323,6 +323,11 @@ class Runner:
         tmp.replace(path)
         return results
 
+    def write_markdown(self, results: dict) -> None:
+        """results.md as measured so far (the charts come at the end)."""
+        (self.args.out / "results.md").write_text(report.markdown(
+            {**results, "charts": [], "charts_missing": "written at the end of the run"}))
+
     def finish(self, planned: int) -> None:
         results = self.results(planned)
         results["charts"], results["charts_missing"] = report.charts(results, self.args.out)
@@ -432,7 +437,7 @@ def main() -> int:
     planned = len(phases)
     total = sum(p.estimate for p in phases)
     print(f"run.py: {planned} measurements over {args.rounds} round(s), about {clock(total)}; "
-          f"results.json is rewritten after each one, in {args.out}", file=sys.stderr,
+          f"results.json and results.md are rewritten after each one, in {args.out}", file=sys.stderr,
           flush=True)
     runner = Runner(args, servers, missing, have, loads, grind, skip, host, workdir)
     runner.unavailable = unavailable
@@ -463,7 +468,7 @@ def main() -> int:
             spent += phase.estimate
             elapsed = time.monotonic() - started
             rest = sum(p.estimate for p in phases[i + 1:]) * (elapsed / spent if spent else 1)
-            runner.write_json(planned)
+            runner.write_markdown(runner.write_json(planned))
             print(f"[{i + 1}/{planned}] {phase.name} round {phase.round + 1}/{args.rounds}: "
                   f"{describe(phase, run)} (eta {clock(rest)})", file=sys.stderr, flush=True)
     except KeyboardInterrupt:

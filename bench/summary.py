@@ -233,7 +233,7 @@ def _why_not(results: dict, needs, instrument: str | None) -> str | None:
     for key in needs:
         missing = results.get("unavailable") or results["missing"]
         if key in missing:
-            return f"missing: {key} ({missing[key]})"
+            return f"missing: {key}: {missing[key]}"
         if key not in results["servers"]:
             return f"not measured: {key} not in this run"
     if instrument is not None:
