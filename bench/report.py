@@ -367,3 +367,23 @@ def charts(results: dict, out: Path) -> tuple[list[str], str]:
         plt.close(fig)
         written.append("idle_memory.png")
     return written, ""
+
+
+def main() -> int:
+    """python bench/report.py [RESULTS_JSON]: results.md and the charts again, beside it."""
+    import json
+    import sys
+
+    path = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).parent / "results" /
+                "results.json")
+    results = json.loads(path.read_text())
+    results["charts"], results["charts_missing"] = charts(results, path.parent)
+    path.write_text(json.dumps(results, indent=1) + "\n")
+    (path.parent / "results.md").write_text(markdown(results))
+    print(f"report.py: wrote {path.parent}/results.md"
+          + "".join(f", {name}" for name in results["charts"]), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -177,7 +177,7 @@ def plan(servers: list[Server], loads: list[Workload], grind: list[Workload], ar
     for r in range(args.rounds):
         for w in loads:
             for s in echo:
-                phases.append(Phase("load", r, s, w, start_s(s, False) + w.connections / 3000
+                phases.append(Phase("load", r, s, w, start_s(s, False) + w.connections / 400
                                     + args.warmup + args.duration + 0.4))
         for s in http:
             phases.append(Phase("http", r, s, None, start_s(s, False) + 1.0 + 0.4
