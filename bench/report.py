@@ -217,7 +217,33 @@ def method_lines(results: dict) -> list[str]:
         "None of them rests on the scheduler's 10 ms tick sampling; the tick-sampled "
         "user/system split (psutil) is shown in the detail tables only.  HTTP: uvicorn + "
         "httptools hello world under `wrk -t1 -c50`; its window runs from just before wrk "
-        "starts to just after it ends, so wrk's 50 connects and closes are inside it.", ""]
+        "starts to just after it ends, so wrk's 50 connects and closes are inside it.", ""] + \
+        caveat_lines(results)
+
+
+def caveat_lines(results: dict) -> list[str]:
+    """What the figures' own spread says, from the runs themselves."""
+    import statistics
+    lags = [r["cost"]["callgrind_lag_s"] for r in results["runs"]["load"]
+            if r["pass"] == "callgrind" and "failed" not in r and r["cost"].get("callgrind_lag_s")
+            and len(r["cost"]["callgrind_lag_s"]) == 2]
+    lines = []
+    if lags:
+        zero = statistics.median(lag[0] for lag in lags)
+        dump = statistics.median(lag[1] for lag in lags)
+        window = results["config"]["callgrind_duration"]
+        lines.append(
+            f"- `callgrind_control -z` took {zero:.2f} s and `-d` {dump:.2f} s (medians; "
+            "`callgrind_lag_s` in each run): the counted window starts and ends that much after "
+            f"kqfast-bench's {window:g} s, so it may be up to {(dump - zero) / window:.0%} longer "
+            "than the window the requests are counted in; about the same for every server, so "
+            "ratios barely move.")
+    lines.append(
+        "- System calls per request depend on how many events each `epoll_wait` returns, "
+        "i.e. on timing: between rounds they move by a few percent (see `runs` in "
+        "results.json), more than a ±2% target's margin; instructions per request move by "
+        "about 1%.")
+    return lines + [""]
 
 
 def markdown(results: dict) -> str:
