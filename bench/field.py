@@ -22,10 +22,37 @@ class Server:
     key: str      # the name in results.json
     label: str    # the name in tables and charts
     argv: tuple
+    kind: str = "echo"   # "echo": loaded by kqfast-bench; "http": loaded by wrk
 
 
 def _python(*args) -> tuple:
     return (sys.executable, *map(str, args))
+
+
+# The asyncio event loops, by the name servers/_loops.py knows them: (key prefix, label).
+LOOPS = {"asyncio": ("asyncio", "asyncio"), "uvloop": ("uvloop", "uvloop"),
+         "rloop": ("rloop", "rloop"), "kqfast": ("kqfast-loop", "kqfast loop")}
+# The programs each loop runs: (key suffix, label, script).
+PROGRAMS = [("", "Protocol", "asyncio_echo.py"), ("-streams", "streams", "streams_echo.py")]
+
+
+def loop_missing(name: str) -> str | None:
+    """Why asyncio loop `name` cannot run here (servers/_loops.py's answer), or None."""
+    sys.path.insert(0, str(SERVERS))
+    try:
+        from _loops import missing
+        return missing(name)
+    finally:
+        sys.path.remove(str(SERVERS))
+
+
+def http_missing() -> str | None:
+    for module in ("uvicorn", "httptools"):
+        if not importable(module):
+            return f"{module} is not installed (pip install 'kqfast[bench]')"
+    if shutil.which("wrk") is None:
+        return "wrk is not installed (Debian: apt-get install wrk)"
+    return None
 
 
 def field(workdir: Path) -> tuple[list[Server], dict[str, str]]:
@@ -34,22 +61,34 @@ def field(workdir: Path) -> tuple[list[Server], dict[str, str]]:
     servers = [
         Server("kqfast-echo", "kqfast ECHO (native)", echo + ("--mode", "raw")),
         Server("kqfast-line", "kqfast LINE_ECHO (native)", echo + ("--mode", "line")),
-        Server("kqfast-python", "kqfast Protocol (Python)",
+        Server("kqfast-python", "kqfast Server, Protocol (Python)",
                echo + ("--mode", "raw", "--handler", "python")),
         Server("selectors", "selectors (pure Python)", _python(SERVERS / "selectors_echo.py")),
-        Server("asyncio", "asyncio Protocol", _python(SERVERS / "asyncio_echo.py")),
     ]
     missing = {}
-    if importable("uvloop"):
-        servers.append(Server("uvloop", "uvloop Protocol",
-                              _python(SERVERS / "asyncio_echo.py", "--loop", "uvloop")))
-    else:
-        missing["uvloop"] = "uvloop is not installed (pip install 'kqfast[bench]')"
+    loops = {name: loop_missing(name) for name in LOOPS}
+    for suffix, program, script in PROGRAMS:
+        for name, (prefix, label) in LOOPS.items():
+            key = prefix + suffix
+            if loops[name] is None:
+                servers.append(Server(key, f"{label} {program}",
+                                      _python(SERVERS / script, "--loop", name)))
+            else:
+                missing[key] = loops[name]
     binary, why = compile_c_echo(workdir)
     if binary is not None:
         servers.append(Server("c", "C epoll (c_echo.c)", (str(binary),)))
     else:
         missing["c"] = why
+    http = http_missing()
+    for name, (prefix, label) in LOOPS.items():
+        key = f"uvicorn-{prefix}"
+        why = http or loops[name]
+        if why is None:
+            servers.append(Server(key, f"uvicorn on {label}",
+                                  _python(SERVERS / "uvicorn_hello.py", "--loop", name), "http"))
+        else:
+            missing[key] = why
     return servers, missing
 
 

@@ -1,6 +1,7 @@
-"""One measurement each: a load run (kqfast-bench against a server, the server's CPU read from
-the OS over exactly the measured window), the memory idle connections cost a server, and the
-native loop's round trips next to a spinning Python thread."""
+"""One measurement each: a load run (kqfast-bench against a server, the server's cost read over
+exactly the measured window by bench/instruments.py), an HTTP run (wrk against a server, the
+same instruments), the memory idle connections cost a server, and the native loop's round
+trips next to a spinning Python thread."""
 from __future__ import annotations
 
 import json
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import psutil
 
+import instruments
 from field import SERVERS, Running, pin
 from kqfast.bench_cli import DONE, MEASURING
 
@@ -34,49 +36,194 @@ class Cpus:
     client: int | None
 
 
+class Window:
+    """The instruments a run reads over its measured window: `kind` "native" is the server as
+    it is, read by schedstat (CPU ns), perf (system calls) and psutil (tick-sampled user/sys);
+    "callgrind" is the server under valgrind, read by callgrind alone (valgrind's own work
+    would spoil the others).  `have` is instruments.available(): a missing one stays None."""
+
+    def __init__(self, kind: str, have: dict, workdir: Path):
+        self.kind, self.have, self.workdir = kind, have, workdir
+        self.parts: dict = {}
+        self.proc = None
+        self.cpu0 = self.cpu1 = None
+        self.counts: dict = {}
+
+    def argv(self, argv: tuple) -> tuple:
+        return instruments.callgrind_argv(argv, self.workdir) if self.kind == "callgrind" \
+            else argv
+
+    @property
+    def ready_timeout(self) -> float:
+        return 300.0 if self.kind == "callgrind" else 30.0
+
+    def ready(self, pid: int) -> None:
+        if self.kind == "callgrind":
+            self.parts["instructions"] = instruments.Callgrind(pid, self.workdir)
+            self.parts["instructions"].on()
+            return
+        self.proc = psutil.Process(pid)
+        if self.have.get("schedstat") is None:
+            self.parts["cpu_ns"] = instruments.Schedstat(pid)
+        if self.have.get("perf") is None:
+            self.parts["syscalls"] = instruments.PerfSyscalls(pid, self.workdir)
+
+    def start(self) -> None:
+        if self.proc is not None:
+            self.cpu0 = self.proc.cpu_times()
+        for part in self.parts.values():
+            part.start()
+
+    def stop(self) -> None:
+        for name, part in self.parts.items():
+            self.counts[name] = part.stop()
+        if self.proc is not None:
+            self.cpu1 = self.proc.cpu_times()
+
+    def close(self) -> None:
+        for part in self.parts.values():
+            part.close()
+
+    def figures(self, requests: int, duration: float) -> dict:
+        """The server's cost per request (None: not measured by this pass or unavailable)."""
+        out: dict = {}
+        names = ("instructions",) if self.kind == "callgrind" else ("cpu_ns", "syscalls")
+        for name in names:
+            count = self.counts.get(name)
+            out[name] = count
+            out[f"{name}_per_request"] = count / requests if count is not None and requests \
+                else None
+        if self.kind == "callgrind" and "instructions" in self.parts:
+            out["callgrind_lag_s"] = self.parts["instructions"].lag
+        if self.kind == "native" and self.cpu1 is not None:
+            user = self.cpu1.user - self.cpu0.user
+            system = self.cpu1.system - self.cpu0.system
+            out["tick_user_us_per_request"] = user * 1e6 / requests if requests else None
+            out["tick_system_us_per_request"] = system * 1e6 / requests if requests else None
+            if out.get("cpu_ns") is not None:
+                out["busy"] = out["cpu_ns"] / 1e9 / duration
+            else:
+                out["busy"] = (user + system) / duration
+        return out
+
+
 def load(argv: tuple, workload: Workload, duration: float, warmup: float, cpus: Cpus,
-         log: Path, on_event=None) -> dict:
+         log: Path, on_event=None, window: Window | None = None) -> dict:
     """Runs kqfast-bench against a fresh server; returns kqfast-bench's report plus the
-    server's CPU per request.  on_event(event, server) is called once the server is ready,
-    before any load ("ready"), and as the measured window opens ("start") and closes ("end")."""
-    with Running(argv, cpus.server, log) as server:
-        proc = psutil.Process(server.pid)
-        if on_event:
-            on_event("ready", server)
-        client = subprocess.Popen(
-            [sys.executable, "-m", "kqfast.bench_cli", f"127.0.0.1:{server.port}", "--json",
-             "-c", str(workload.connections), "-s", str(workload.size),
-             "-p", str(workload.pipeline), "-d", str(duration), "-w", str(warmup),
-             "--connect-timeout", "60"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            preexec_fn=pin(cpus.client))
-        before = after = None
-        stderr = []
-        for line in client.stderr:
-            stderr.append(line)
-            if line.startswith(MEASURING):
-                before = proc.cpu_times()
-                if on_event:
-                    on_event("start", server)
-            elif line.startswith(DONE):
-                after = proc.cpu_times()
-                if on_event:
-                    on_event("end", server)
-                break
-        out, rest = client.communicate(timeout=120)
-        stderr.append(rest)
-    if after is None or not out:
+    server's cost per request over exactly kqfast-bench's measured window ("cost"; from
+    `window`, by default the native instruments that work here) and, for the native pass, its
+    tick-sampled CPU ("server_cpu", psutil).  on_event(event, server) is called once the server
+    is ready, before any load ("ready"), and as the measured window opens ("start") and closes
+    ("end")."""
+    if window is None:
+        window = Window("native", {"schedstat": None, "perf": "not asked for"}, log.parent)
+    client = None
+    with Running(window.argv(argv), cpus.server, log, window.ready_timeout) as server:
+        try:
+            window.ready(server.pid)
+            if on_event:
+                on_event("ready", server)
+            client = subprocess.Popen(
+                [sys.executable, "-m", "kqfast.bench_cli", f"127.0.0.1:{server.port}", "--json",
+                 "-c", str(workload.connections), "-s", str(workload.size),
+                 "-p", str(workload.pipeline), "-d", str(duration), "-w", str(warmup),
+                 "--connect-timeout", "60"],
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                text=True, preexec_fn=pin(cpus.client))
+            ended = False
+            stderr = []
+            for line in client.stderr:
+                stderr.append(line)
+                if line.startswith(MEASURING):
+                    window.start()
+                    if on_event:
+                        on_event("start", server)
+                elif line.startswith(DONE):
+                    window.stop()
+                    ended = True
+                    if on_event:
+                        on_event("end", server)
+                    break
+            out, rest = client.communicate(timeout=120)
+            stderr.append(rest)
+        finally:
+            window.close()
+            if client is not None and client.poll() is None:  # interrupted: no orphan load
+                client.kill()
+                client.wait()
+    if not ended or not out:
         return {"failed": "".join(stderr).strip()[-500:] or f"kqfast-bench exit {client.returncode}"}
     report = json.loads(out)
-    requests = report["requests"] or 1
-    user, system = after.user - before.user, after.system - before.system
-    report["server_cpu"] = {
-        "user_us_per_request": user * 1e6 / requests,
-        "system_us_per_request": system * 1e6 / requests,
-        "busy": (user + system) / report["duration"],
-    }
+    report["cost"] = window.figures(report["requests"], report["duration"])
+    if window.kind == "native":
+        report["server_cpu"] = {  # the tick-sampled figures, kept as an extra column
+            "user_us_per_request": report["cost"]["tick_user_us_per_request"],
+            "system_us_per_request": report["cost"]["tick_system_us_per_request"],
+            "busy": report["cost"]["busy"],
+        }
     cpu = report["client_cpu"]
     cpu["busy"] = (cpu["user_s"] + cpu["system_s"]) / report["duration"]
+    return report
+
+
+WRK_REPORT = """-- bench/measure.py: wrk's summary as one JSON line on stdout
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format('{"requests": %d, "duration_us": %d, "bytes": %d, "errors": ' ..
+    '{"connect": %d, "read": %d, "write": %d, "status": %d, "timeout": %d}, "latency_us": ' ..
+    '{"p50": %g, "p90": %g, "p99": %g, "p99.9": %g, "max": %g, "mean": %g}}\\n',
+    summary.requests, summary.duration, summary.bytes, e.connect, e.read, e.write, e.status,
+    e.timeout, latency:percentile(50), latency:percentile(90), latency:percentile(99),
+    latency:percentile(99.9), latency.max, latency.mean))
+end
+"""
+
+
+def wrk_seconds(seconds: float) -> int:
+    """wrk takes whole seconds."""
+    return max(1, round(seconds))
+
+
+def _wrk(port: int, connections: int, seconds: int, cpu: int | None, script: Path) -> dict:
+    done = subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "30s", "-s",
+         str(script), f"http://127.0.0.1:{port}/"],
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=seconds + 120,
+        preexec_fn=pin(cpu))
+    for line in reversed(done.stdout.splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    raise RuntimeError(f"wrk exit {done.returncode}: {(done.stderr or done.stdout)[-300:]}")
+
+
+def http_load(argv: tuple, connections: int, duration: float, warmup: float, cpus: Cpus,
+              log: Path, window: Window) -> dict:
+    """wrk against a fresh HTTP server: a warm-up run, then the measured run with the window
+    open from just before wrk starts to just after it ends (its 50 connects and closes are
+    inside; every response wrk counts is too)."""
+    script = log.parent / "wrk_report.lua"
+    script.write_text(WRK_REPORT)
+    with Running(window.argv(argv), cpus.server, log, window.ready_timeout) as server:
+        try:
+            window.ready(server.pid)
+            if warmup > 0:
+                _wrk(server.port, connections, wrk_seconds(warmup), cpus.client, script)
+                time.sleep(0.2)  # the warm-up's connections close
+            window.start()
+            try:
+                report = _wrk(server.port, connections, wrk_seconds(duration), cpus.client,
+                              script)
+            finally:
+                window.stop()
+        except (RuntimeError, subprocess.SubprocessError) as exc:
+            return {"failed": str(exc)}
+        finally:
+            window.close()
+    report["duration"] = report.pop("duration_us") / 1e6
+    report["connections"] = connections
+    report["requests_per_second"] = report["requests"] / report["duration"]
+    report["errors"] = sum(report["errors"].values())
+    report["cost"] = window.figures(report["requests"], report["duration"])
     return report
 
 

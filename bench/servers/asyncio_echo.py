@@ -1,13 +1,14 @@
-"""The Python peers: asyncio's event loop, or uvloop's with --loop uvloop, serving the very
-protocol class kqfast-echo --handler python runs (kqfast.echo.EchoProtocol, a plain
-asyncio.Protocol), so only the loop under it differs.
+"""The asyncio.Protocol echo on any asyncio event loop (--loop asyncio|uvloop|rloop|kqfast),
+serving the very protocol class kqfast-echo --handler python runs (kqfast.echo.EchoProtocol,
+a plain asyncio.Protocol), so only the loop under it differs.
 
-Usage: asyncio_echo.py [--loop asyncio|uvloop] [PORT].  Prints kqfast-echo's ready line on
-stderr (port 0, the default, picks a free port)."""
+Usage: asyncio_echo.py [--loop NAME] [PORT].  Prints kqfast-echo's ready line on stderr
+(port 0, the default, picks a free port)."""
 import argparse
 import asyncio
 import sys
 
+from _loops import LOOPS, forever, run
 from kqfast.echo import EchoProtocol
 
 
@@ -16,19 +17,15 @@ async def serve(name: str, port: int) -> None:
     server = await loop.create_server(EchoProtocol, "127.0.0.1", port, backlog=1024)
     print(f"{name}_echo: listening on 127.0.0.1:{server.sockets[0].getsockname()[1]}",
           file=sys.stderr, flush=True)
-    await server.serve_forever()
+    await forever()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
+    parser.add_argument("--loop", choices=LOOPS, default="asyncio")
     parser.add_argument("port", type=int, nargs="?", default=0)
     args = parser.parse_args()
-    if args.loop == "uvloop":
-        import uvloop
-        uvloop.run(serve(args.loop, args.port))
-    else:
-        asyncio.run(serve(args.loop, args.port))
+    run(lambda: serve(args.loop, args.port), args.loop)
 
 
 if __name__ == "__main__":
