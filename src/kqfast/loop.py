@@ -12,7 +12,7 @@ import signal
 import sys
 import threading
 from asyncio import sslproto
-from asyncio.runners import _cancel_all_tasks
+from asyncio.runners import _cancel_all_tasks  # type: ignore[attr-defined]  # asyncio.run's own
 
 from kqfast import _core
 
@@ -45,10 +45,10 @@ class Loop(asyncio.SelectorEventLoop):
     def run_forever(self) -> None:
         """As asyncio's; in the main thread the signal wakeup fd is the loop's self-pipe
         while it runs (as uvloop does), so Ctrl-C ends a nogil wait at once."""
-        old = None
+        old = -1
         watch = threading.current_thread() is threading.main_thread() and not self.is_closed()
         if watch:
-            old = signal.set_wakeup_fd(self._csock.fileno())
+            old = signal.set_wakeup_fd(self._csock.fileno())  # type: ignore[attr-defined]
         try:
             super().run_forever()
         finally:
@@ -82,21 +82,22 @@ class Loop(asyncio.SelectorEventLoop):
             return
         self._reactor.add_listener(sock, _core.Source(sock, protocol_factory, server, False))
 
+    # The private methods below override the standard loop's own (typeshed does not list them).
     def _stop_serving(self, sock) -> None:
         if self._reactor.remove_listener(sock.fileno()):
             sock.close()
         else:
-            super()._stop_serving(sock)
+            super()._stop_serving(sock)  # type: ignore[misc]
 
     def _sock_connect_cb(self, fut, sock, address) -> None:
         err = self._reactor.take_error(sock.fileno())
         if err and not fut.done():
             fut.set_exception(OSError(err, f"Connect call failed {address}"))
             return
-        super()._sock_connect_cb(fut, sock, address)
+        super()._sock_connect_cb(fut, sock, address)  # type: ignore[misc]
 
     def _ensure_fd_no_transport(self, fd) -> None:
-        super()._ensure_fd_no_transport(fd)
+        super()._ensure_fd_no_transport(fd)  # type: ignore[misc]
         fileno = fd if isinstance(fd, int) else fd.fileno()
         transport = self._reactor.transport_of(fileno)
         if transport is not None and not transport.is_closing():

@@ -4,6 +4,7 @@ Native handlers run on bare Reactors (the nogil cycle never leaves C); a protoco
 streams run on kqfast.Loop, one per worker, so protocols have a running asyncio loop."""
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import os
@@ -91,7 +92,7 @@ class Server:
         self._started = False
         self._serving: set[int] = set()   # idents of the threads running a loop now
         self._unix_path = host if "/" in host else None
-        self._unix_inode = None
+        self._unix_inode: int | None = None
         # With "reuseport" each loop owns a listener on the shared port and the kernel spreads
         # new connections; with "handoff" the first loop owns the only listener.
         per_loop_listener = balance == "reuseport"
@@ -266,7 +267,7 @@ class Server:
         loop._reactor.abort_streams()
         loop.stop()
 
-    def _report(self, loop: Loop, context: dict) -> None:
+    def _report(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
         """A protocol callback failed: logged with the peer's address and counted; the
         transport has closed that connection only."""
         self._handler_errors += 1
