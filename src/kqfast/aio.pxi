@@ -8,11 +8,13 @@ import selectors as _selectors
 from asyncio import base_events as _aio_base_events
 
 cdef object _heappop = _heapq.heappop
+cdef object _BaseEventLoop = _aio_base_events.BaseEventLoop
 cdef object _format_handle = _aio_base_events._format_handle
 cdef int _MIN_SCHEDULED_TIMER_HANDLES = _aio_base_events._MIN_SCHEDULED_TIMER_HANDLES
 cdef double _MIN_CANCELLED_TIMER_HANDLES_FRACTION = (
     _aio_base_events._MIN_CANCELLED_TIMER_HANDLES_FRACTION)
 cdef double _MAXIMUM_SELECT_TIMEOUT = _aio_base_events.MAXIMUM_SELECT_TIMEOUT
+cdef object _Future = _asyncio.Future
 cdef int _EVENT_READ = _selectors.EVENT_READ
 cdef int _EVENT_WRITE = _selectors.EVENT_WRITE
 
@@ -118,15 +120,23 @@ def run_once(self):
     debug = self._debug
     for i in range(ntodo):
         handle = ready.popleft()
-        if handle._cancelled:
-            continue
         if debug:
-            _run_debug(self, handle)
+            if not handle._cancelled:
+                _run_debug(self, handle)
         elif handle is R.io_handle:
             dispatch(R)
-        else:
+        elif type(handle) is _Handle:
+            if <object>slot_get(handle, H_CANCELLED) is not False:
+                continue
+            run_handle(handle)
+        elif not handle._cancelled:
             handle._run()
     handle = None
+
+
+def create_future(self):
+    """kqfast.Loop.create_future: asyncio's C Future, without a Python frame."""
+    return _Future(loop=self)
 
 
 cdef _run_debug(loop, handle):

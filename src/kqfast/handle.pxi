@@ -12,6 +12,7 @@ from asyncio.base_events import Server as _AioServer
 
 from cpython.buffer cimport PyBUF_WRITABLE
 from cpython.bytearray cimport PyByteArray_AS_STRING
+from cpython.bytes cimport PyBytes_CheckExact, PyBytes_GET_SIZE
 
 cdef object _BufferedProtocol = _asyncio.BufferedProtocol
 cdef object _feed_buffered = _aio_protocols._feed_data_to_buffered_proto
@@ -41,6 +42,7 @@ cdef class StreamHandle:
     cdef uint32_t gen
     cdef object loop
     cdef object protocol
+    cdef object data_received       # the protocol's, looked up once (as uvloop does)
     cdef object transport           # the Transport protocols see; None once the stream ended
     cdef object server              # the asyncio Server that accepted it, if any
     cdef object sock                # a socket object over fd, made when first asked for
@@ -80,6 +82,7 @@ cdef class StreamHandle:
         cdef Conn *c = self.conn()
         self.protocol = protocol
         self.protocol_connected = True
+        self.data_received = getattr(protocol, "data_received", None)
         if c is not NULL:
             c.flags &= ~(C_LINE | C_BUFFERED)
             if isinstance(protocol, _BufferedProtocol):
@@ -91,41 +94,48 @@ cdef class StreamHandle:
     # ---- writing ----------------------------------------------------------------------
 
     cdef write(self, data):
-        cdef Conn *c
         cdef Py_buffer view
-        cdef ssize_t sent = 0
-        cdef size_t size
-        self.check_thread()
+        if PyBytes_CheckExact(data):  # the common case, without the buffer protocol
+            self.write_bytes(PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
+            return
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError(f"data argument must be a bytes-like object, not "
                             f"{type(data).__name__!r}")
-        if self.eof_written:
-            raise RuntimeError("Cannot call write() after write_eof()")
-        c = self.conn()
-        if c is NULL or c.flags & C_LOST:
-            if len(data):
-                self.lost_writes += 1
-                if self.lost_writes > _LOG_THRESHOLD_FOR_CONNLOST_WRITES:
-                    _aio_log.warning("socket.send() raised exception.")
-            return
         PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
         try:
-            if view.len == 0:
-                return
-            if c.out is NULL:
-                sent = kq_send(self.fd, view.buf, view.len)
-                if sent < 0:
-                    if not kq_retry_later(errno):
-                        self.force_close(_errno_exception(errno), False)
-                        return
-                    sent = 0
-                self.reactor.core.bytes_out += sent
-                touch(&self.reactor.core, self.fd)
-                if sent == view.len:
-                    return
-            c.out = buf_append(c.out, <char *>view.buf + sent, view.len - sent)
+            self.write_bytes(<const char *>view.buf, view.len)
         finally:
             PyBuffer_Release(&view)
+
+    cdef write_bytes(self, const char *data, Py_ssize_t n):
+        """asyncio's write(): send at once what the socket takes, queue the rest, pause the
+        protocol over the high-water mark."""
+        cdef Conn *c
+        cdef ssize_t sent = 0
+        cdef size_t size
+        self.check_thread()
+        if self.eof_written:
+            raise RuntimeError("Cannot call write() after write_eof()")
+        if n == 0:
+            return
+        c = self.conn()
+        if c is NULL or c.flags & C_LOST:
+            self.lost_writes += 1
+            if self.lost_writes > _LOG_THRESHOLD_FOR_CONNLOST_WRITES:
+                _aio_log.warning("socket.send() raised exception.")
+            return
+        if c.out is NULL:
+            sent = kq_send(self.fd, data, n)
+            if sent < 0:
+                if not kq_retry_later(errno):
+                    self.force_close(_errno_exception(errno), False)
+                    return
+                sent = 0
+            self.reactor.core.bytes_out += sent
+            touch(&self.reactor.core, self.fd)
+            if sent == n:
+                return
+        c.out = buf_append(c.out, data + sent, n - sent)
         if c.out is NULL or set_mask(&self.reactor.core, self.fd, c.mask | KQ_WRITABLE) < 0:
             self.force_close(_errno_exception(ENOMEM if c.out is NULL else errno), True)
             return
@@ -262,7 +272,7 @@ cdef class StreamHandle:
             elif c.flags & C_BUFFERED:
                 _feed_buffered(self.protocol, PyBytes_FromStringAndSize(data, n))
             else:
-                self.protocol.data_received(PyBytes_FromStringAndSize(data, n))
+                self.data_received(PyBytes_FromStringAndSize(data, n))
         except (SystemExit, KeyboardInterrupt):
             raise
         except BaseException as exc:
@@ -442,7 +452,7 @@ cdef class StreamHandle:
             if self.protocol_connected:
                 self.protocol.connection_lost(exc)
         finally:
-            self.protocol = None
+            self.protocol = self.data_received = None
             if self.server is not None:
                 if _ATTACH_TAKES_TRANSPORT:
                     self.server._detach(self.transport)

@@ -27,8 +27,15 @@ class Loop(asyncio.SelectorEventLoop):
         super().__init__(_core.KqSelector(self._reactor))
         self._reactor.attach(self)
 
-    # The iteration, in C: asyncio's _run_once plus the core's pass.
+    # In C: the iteration (asyncio's _run_once plus the core's pass), call_soon (the Handle
+    # made directly) and create_future.
     _run_once = _core.run_once
+    call_soon = _core.call_soon
+    create_future = _core.create_future
+
+    def set_debug(self, enabled: bool) -> None:
+        super().set_debug(enabled)
+        self._reactor.debug = self._debug
 
     def time(self) -> float:
         return _core.monotonic()
@@ -110,6 +117,7 @@ class Loop(asyncio.SelectorEventLoop):
             return
         self._reactor.abort_streams(notify=False)
         super().close()
+        self._reactor.closed = True
 
 
 def new_event_loop() -> Loop:

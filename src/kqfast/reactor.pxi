@@ -62,6 +62,10 @@ cdef class Reactor:
     cdef readonly object io_handle
     cdef dict retired
     cdef object on_drained
+    # The loop's own state, mirrored here for call_soon() and run_once(): its ready deque,
+    # and whether it is closed or in debug mode.
+    cdef object ready
+    cdef public bint closed, debug
 
     def __cinit__(self):
         cdef LoopCore *L = &self.core
@@ -168,6 +172,8 @@ cdef class Reactor:
     def attach(self, loop):
         """Serves the asyncio loop loop: its streams' callbacks go through it."""
         self.loop = loop
+        self.ready = loop._ready
+        self.debug = loop.get_debug()
         self.io_handle = _asyncio.Handle(dispatch_handle, (self,), loop)
 
     @property

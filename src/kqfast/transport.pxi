@@ -19,91 +19,106 @@ class Transport(_aio_transports._FlowControlMixin):
         raise TypeError("kqfast transports are made by the event loop")
 
     def write(self, data):
-        (<StreamHandle>self._h).write(data)
+        handle_of(self).write(data)
 
     def writelines(self, list_of_data):
-        (<StreamHandle>self._h).write(b"".join(list_of_data))
+        handle_of(self).write(b"".join(list_of_data))
 
     def write_eof(self):
-        (<StreamHandle>self._h).write_eof()
+        handle_of(self).write_eof()
 
     def can_write_eof(self):
         return True
 
     def get_write_buffer_size(self):
-        return (<StreamHandle>self._h).write_buffer_size()
+        return handle_of(self).write_buffer_size()
 
     def get_write_buffer_limits(self):
-        cdef StreamHandle h = self._h
+        cdef StreamHandle h = handle_of(self)
         return (h.low_water, h.high_water)
 
     def set_write_buffer_limits(self, high=None, low=None):
-        (<StreamHandle>self._h).set_write_buffer_limits(high, low)
+        handle_of(self).set_write_buffer_limits(high, low)
 
     def pause_reading(self):
-        (<StreamHandle>self._h).pause_reading()
+        handle_of(self).pause_reading()
 
     def resume_reading(self):
-        (<StreamHandle>self._h).resume_reading()
+        handle_of(self).resume_reading()
 
     def is_reading(self):
-        cdef StreamHandle h = self._h
+        cdef StreamHandle h = handle_of(self)
         h.check_thread()
         return h.is_reading()
 
     def close(self):
-        (<StreamHandle>self._h).close()
+        handle_of(self).close()
 
     def abort(self):
         """Closes at once, dropping queued output (with a reset on kqfast.Server's streams,
         whose peers must not take a cut reply for a whole one)."""
-        cdef StreamHandle h = self._h
+        cdef StreamHandle h = handle_of(self)
         h.check_thread()
         h.force_close(None, h.served())
 
     def _force_close(self, exc):
         """asyncio's private abort-with-an-error, which its SSLProtocol calls."""
-        cdef StreamHandle h = self._h
+        cdef StreamHandle h = handle_of(self)
         h.check_thread()
         h.force_close(exc, False)
 
     # _FlowControlMixin's state, read from the stream (its slots stay unused).
     @property
     def _loop(self):
-        return (<StreamHandle>self._h).loop
+        return handle_of(self).loop
 
     @property
     def _protocol_paused(self):
-        return (<StreamHandle>self._h).protocol_paused
+        return handle_of(self).protocol_paused
 
     @property
     def _high_water(self):
-        return (<StreamHandle>self._h).high_water
+        return handle_of(self).high_water
 
     @property
     def _low_water(self):
-        return (<StreamHandle>self._h).low_water
+        return handle_of(self).low_water
 
     def is_closing(self):
-        return (<StreamHandle>self._h).closing
+        return handle_of(self).closing
 
     def get_protocol(self):
-        return (<StreamHandle>self._h).protocol
+        return handle_of(self).protocol
 
     def set_protocol(self, protocol):
-        cdef StreamHandle h = self._h
+        cdef StreamHandle h = handle_of(self)
         h.check_thread()
         h.set_protocol(protocol)
 
     def get_extra_info(self, name, default=None):
-        cdef StreamHandle h = self._h
+        cdef StreamHandle h = handle_of(self)
         h.check_thread()
         return h.get_extra_info(name, default)
 
     def __repr__(self):
-        cdef StreamHandle h = self._h
+        cdef StreamHandle h = handle_of(self)
         state = "closed" if h.ended else ("closing" if h.closing else "open")
         return f"<kqfast.Transport fd={h.fd} {state}>"
+
+
+cdef Py_ssize_t T_HANDLE = slot_offset(Transport, "_h")
+
+
+cdef inline StreamHandle handle_of(transport):
+    """The stream behind a Transport, read from its slot (the hot path skips the attribute
+    machinery); a Transport the loop did not make has none."""
+    cdef PyObject *h
+    if type(transport) is not Transport and not isinstance(transport, Transport):
+        raise TypeError(f"expected a kqfast.Transport, not {type(transport).__name__}")
+    h = slot_get(transport, T_HANDLE)
+    if h is NULL:
+        raise TypeError("kqfast transports are made by the event loop")
+    return <StreamHandle>h
 
 
 cdef StreamHandle new_handle(Reactor R, int fd, protocol, server, dict extra):

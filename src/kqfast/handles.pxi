@@ -1,0 +1,100 @@
+# asyncio.Handle objects made and run in C.  Every future's done-callback and every task step
+# goes through loop.call_soon(); the standard library builds the Handle in Python and runs it
+# through Handle._run() and Context.run(), which costs more than the callback often does.
+# kqfast.Loop's call_soon() makes the very same asyncio.Handle (so cancel(), repr() and
+# everything that inspects it are asyncio's), filling its slots directly, and run_once() runs
+# it as Handle._run() would.  Debug mode keeps the standard library's path (it records where
+# each handle was made).
+import contextvars as _contextvars
+from asyncio import format_helpers as _aio_format_helpers
+
+from cpython.object cimport PyTypeObject
+from cpython.ref cimport Py_XDECREF
+from cpython.contextvars cimport PyContext_Enter, PyContext_Exit
+
+cdef extern from "Python.h":
+    PyObject *PyType_GenericAlloc(PyTypeObject *type, Py_ssize_t nitems) except NULL
+    ctypedef struct PyMemberDef:
+        Py_ssize_t offset
+    ctypedef struct PyMemberDescrObject:
+        PyMemberDef *d_member
+
+cdef object _Handle = _asyncio.Handle
+cdef object _copy_context = _contextvars.copy_context
+cdef object _format_callback_source = _aio_format_helpers._format_callback_source
+
+
+cdef Py_ssize_t slot_offset(cls, str name) except -1:
+    """Where the __slots__ member name lives in cls's instances."""
+    descr = cls.__dict__[name]
+    if type(descr).__name__ != "member_descriptor":
+        raise TypeError(f"{cls.__name__}.{name} is not a slot")
+    return (<PyMemberDescrObject *>descr).d_member.offset
+
+
+cdef Py_ssize_t H_CALLBACK = slot_offset(_Handle, "_callback")
+cdef Py_ssize_t H_ARGS = slot_offset(_Handle, "_args")
+cdef Py_ssize_t H_CANCELLED = slot_offset(_Handle, "_cancelled")
+cdef Py_ssize_t H_LOOP = slot_offset(_Handle, "_loop")
+cdef Py_ssize_t H_SOURCE_TRACEBACK = slot_offset(_Handle, "_source_traceback")
+cdef Py_ssize_t H_REPR = slot_offset(_Handle, "_repr")
+cdef Py_ssize_t H_CONTEXT = slot_offset(_Handle, "_context")
+
+
+cdef inline PyObject *slot_get(obj, Py_ssize_t offset) noexcept:
+    """A borrowed reference to a slot's value (NULL when unset)."""
+    return (<PyObject **>(<char *><PyObject *>obj + offset))[0]
+
+
+cdef inline void slot_set(obj, Py_ssize_t offset, value) noexcept:
+    cdef PyObject **where = <PyObject **>(<char *><PyObject *>obj + offset)
+    cdef PyObject *old = where[0]
+    Py_INCREF(value)
+    where[0] = <PyObject *>value
+    Py_XDECREF(old)
+
+
+cdef object new_handle_for(callback, tuple args, loop, context):
+    """asyncio.Handle(callback, args, loop, context), as its __init__ makes it outside debug
+    mode."""
+    # Handle is a Python class: PyType_GenericAlloc is its tp_alloc (zeroed, GC-tracked).
+    cdef object handle = <object>PyType_GenericAlloc(<PyTypeObject *>_Handle, 0)
+    Py_DECREF(handle)  # the allocation's reference, now held by the variable
+    slot_set(handle, H_CONTEXT, _copy_context() if context is None else context)
+    slot_set(handle, H_LOOP, loop)
+    slot_set(handle, H_CALLBACK, callback)
+    slot_set(handle, H_ARGS, args)
+    slot_set(handle, H_CANCELLED, False)
+    slot_set(handle, H_REPR, None)
+    slot_set(handle, H_SOURCE_TRACEBACK, None)
+    return handle
+
+
+def call_soon(self, callback, *args, context=None):
+    """kqfast.Loop.call_soon: asyncio's, with the handle made in C."""
+    cdef Reactor R = self._reactor
+    if R.debug:
+        return _BaseEventLoop.call_soon(self, callback, *args, context=context)
+    if R.closed:
+        raise RuntimeError("Event loop is closed")
+    handle = new_handle_for(callback, args, self, context)
+    R.ready.append(handle)
+    return handle
+
+
+cdef run_handle(handle):
+    """Handle._run(), for a handle of exactly asyncio.Handle's type."""
+    cdef object context = <object>slot_get(handle, H_CONTEXT)
+    cdef object callback = <object>slot_get(handle, H_CALLBACK)
+    cdef object args = <object>slot_get(handle, H_ARGS)
+    PyContext_Enter(context)  # raises as Context.run() does for an entered context
+    try:
+        callback(*args)
+    except (SystemExit, KeyboardInterrupt):
+        raise
+    except BaseException as exc:
+        report = {"message": f"Exception in callback {_format_callback_source(callback, args)}",
+                  "exception": exc, "handle": handle}
+        (<object>slot_get(handle, H_LOOP)).call_exception_handler(report)
+    finally:
+        PyContext_Exit(context)
