@@ -90,11 +90,14 @@ cdef run_handle(handle):
     PyContext_Enter(context)  # raises as Context.run() does for an entered context
     try:
         callback(*args)
-    except (SystemExit, KeyboardInterrupt):
-        raise
     except BaseException as exc:
+        # Out of the context first, as Context.run() leaves it before Handle._run() reports
+        # (Python 3.13 runs the exception handler in that very context).
+        PyContext_Exit(context)
+        if isinstance(exc, (SystemExit, KeyboardInterrupt)):
+            raise
         report = {"message": f"Exception in callback {_format_callback_source(callback, args)}",
                   "exception": exc, "handle": handle}
         (<object>slot_get(handle, H_LOOP)).call_exception_handler(report)
-    finally:
-        PyContext_Exit(context)
+        return
+    PyContext_Exit(context)
