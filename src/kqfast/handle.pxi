@@ -338,8 +338,8 @@ cdef class StreamHandle:
                 raise
             except BaseException as exc:
                 self.fatal_error(exc, "Fatal error: protocol.buffer_updated() call failed.")
-        elif n == 0 and c.hangup_err:
-            self.force_close(_errno_exception(c.hangup_err), True)
+        elif n == 0 and c.error:
+            self.force_close(_errno_exception(c.error), True)
         elif n == 0:
             c.flags |= C_EOF
             set_mask(&self.reactor.core, self.fd, c.mask & ~KQ_READABLE)
@@ -386,8 +386,11 @@ cdef class StreamHandle:
         self.check_thread()
         if self.closing:
             return
-        self.closing = True
         c = self.conn()
+        if c is not NULL and c.flags & C_LOST:
+            self.force_close(None, False)  # it failed in this batch: that is what it reports
+            return
+        self.closing = True
         if c is NULL:
             return
         c.flags |= C_CLOSING
@@ -417,9 +420,13 @@ cdef class StreamHandle:
                                           "protocol": self.protocol})
 
     cdef force_close(self, exc, bint reset):
-        """Ends the stream now, dropping queued output; connection_lost(exc) follows."""
+        """Ends the stream now, dropping queued output; connection_lost(exc) follows (a
+        stream that failed in the nogil pass reports that failure, whatever ends it)."""
+        cdef Conn *c = self.conn()
         if self.ended:
             return
+        if c is not NULL and c.flags & C_LOST:
+            exc = _errno_exception(c.error)
         self.closing = True
         self.end(False, reset)
         self.loop.call_soon(self.call_connection_lost, exc)

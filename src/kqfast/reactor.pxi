@@ -244,7 +244,7 @@ cdef class Reactor:
         on the socket: a failed connect() would look like a success without this."""
         cdef int err = 0
         if 0 <= fd < self.core.nconns and self.core.conns[fd].kind == K_WATCHED:
-            err, self.core.conns[fd].hangup_err = self.core.conns[fd].hangup_err, 0
+            err, self.core.conns[fd].error = self.core.conns[fd].error, 0
         return err
 
     def transport_of(self, int fd):

@@ -48,7 +48,7 @@ cdef void open_conn(LoopCore *L, int fd, uint32_t flags) noexcept nogil:
     forget_stale(L, fd)
     c.kind = K_STREAM
     c.flags = C_OPEN | flags
-    c.hangup_err = 0
+    c.error = 0
     c.low_water = 0
     c.out = c.partial = NULL
     c.transport = NULL
@@ -67,7 +67,7 @@ cdef int open_entry(LoopCore *L, int fd, int kind, uint32_t flags, int mask,
     if kq_poller_set(L.poller, fd, 0, mask) < 0:
         return -1
     c.kind = kind
-    c.hangup_err = 0
+    c.error = 0
     c.flags = C_OPEN | flags
     c.mask = mask
     c.transport = obj

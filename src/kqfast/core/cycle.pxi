@@ -63,7 +63,7 @@ cdef void handle_events(LoopCore *L, int n) noexcept nogil:
             if mask & KQ_ERROR:
                 L.watched[L.nwatched].mask = c.mask
             elif L.events[i].err:
-                c.hangup_err = L.events[i].err  # see Reactor.take_error
+                c.error = L.events[i].err  # see Reactor.take_error
             L.nwatched += 1
         elif c.kind == K_SIGNAL:
             while recv(fd, L.rbuf, READ_CHUNK, 0) > 0:

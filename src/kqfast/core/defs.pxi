@@ -81,7 +81,7 @@ ctypedef struct Conn:
     int next
     uint8_t mask        # interest registered with the poller
     uint8_t timer
-    uint8_t hangup_err  # a socket error that came with a hang-up, reported when input ends
+    uint8_t error       # an errno to report: a hang-up's (once input ends), or a C_LOST one's
     uint8_t kind
     uint32_t low_water  # a Python transport's resume_writing() mark
     double active       # last progress, for the timer lists

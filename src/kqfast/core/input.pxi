@@ -13,7 +13,7 @@ cdef inline void on_readable(LoopCore *L, int fd, int hangup_err) noexcept nogil
     cdef char *dst = L.rbuf
     cdef size_t room = READ_CHUNK
     if hangup_err:
-        c.hangup_err = hangup_err
+        c.error = hangup_err
     if c.flags & C_LINGER:
         # Discard what the peer still sends until it closes; its data has no reader.
         n = recv(fd, L.rbuf, READ_CHUNK, 0)
@@ -45,8 +45,8 @@ cdef inline void on_readable(LoopCore *L, int fd, int hangup_err) noexcept nogil
             echo_bytes(L, fd, dst, n)
         else:
             echo_lines(L, fd, dst, n)
-    elif n == 0 and c.hangup_err:
-        fail(L, fd, c.hangup_err)
+    elif n == 0 and c.error:
+        fail(L, fd, c.error)
     elif n == 0:
         on_eof(L, fd)
     elif not kq_retry_later(errno):

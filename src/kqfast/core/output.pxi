@@ -81,6 +81,7 @@ cdef void fail(LoopCore *L, int fd, int err) noexcept nogil:
         set_mask(L, fd, 0)
         timer_unlink(L, fd)
         c.flags |= C_LOST
+        c.error = err
         record(L, fd, R_LOST, err, 0, 0)
     else:
         close_now(L, fd, True)

@@ -93,6 +93,7 @@ cdef void expire_timers(LoopCore *L) noexcept nogil:
             record(L, fd, R_LOST, ETIMEDOUT, 0, 0)
             set_mask(L, fd, 0)
             c.flags |= C_LOST
+            c.error = ETIMEDOUT
         else:
             begin_close(L, fd)
     while L.timers[T_CLOSING].head >= 0 and L.nrecords < RECORD_SOFT_CAP:
