@@ -151,12 +151,6 @@ int kq_read_fd(int pipe_fd) {
 
 int kq_open_reserve(void) { return open("/dev/null", O_RDONLY | O_CLOEXEC); }
 
-double kq_monotonic(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + ts.tv_nsec / 1e9;
-}
-
 int kq_connect(const char *host, int port) {
     struct addrinfo hints, *res;
     char service[16];

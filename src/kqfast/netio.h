@@ -7,6 +7,7 @@
 #include <stddef.h>
 #include <sys/socket.h>
 #include <sys/types.h>
+#include <time.h>
 
 /* Creates a non-blocking, close-on-exec listening socket.  host is an IPv4 or IPv6 literal,
  * a name to resolve, or (when it contains a '/') a Unix socket path.  Returns the fd, or -1
@@ -41,8 +42,12 @@ int kq_write_fd(int pipe_fd, int fd);
 int kq_read_fd(int pipe_fd);
 /* An fd held in reserve for the EMFILE shed (see the loop's shed_at_fd_limit). */
 int kq_open_reserve(void);
-/* Seconds on a clock that never goes back. */
-double kq_monotonic(void);
+/* Seconds on a clock that never goes back.  Inline: the loop reads it on every wake. */
+static inline double kq_monotonic(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec / 1e9;
+}
 
 /* The call may be retried later: nothing is wrong with the socket. */
 static inline int kq_retry_later(int err) {

@@ -1,6 +1,7 @@
 /* Picks the one poller backend this build compiles (Redis ae style).  setup.py defines
  * KQFAST_USE_KQUEUE or KQFAST_USE_EPOLL when KQFAST_BACKEND forces a choice; otherwise the
- * platform decides: kqueue on macOS and the BSDs, epoll on Linux. */
+ * platform decides: kqueue on macOS and the BSDs, epoll on Linux.  This file is included
+ * into the module that uses the poller (see poller.h), not compiled on its own. */
 #if !defined(KQFAST_USE_KQUEUE) && !defined(KQFAST_USE_EPOLL)
 #  if defined(__APPLE__) || defined(__FreeBSD__) || defined(__OpenBSD__) || \
       defined(__NetBSD__) || defined(__DragonFly__)
@@ -17,3 +18,13 @@
 #else
 #  include "poller_epoll.c"
 #endif
+
+/* What both backends share: the copying wait, for callers that keep their own event array. */
+int kq_poller_wait(kq_poller *p, kq_event *out, int cap, int timeout_ms) {
+    int n = kq_poller_poll(p, cap, timeout_ms), count = 0;
+    for (int i = 0; i < n; i++) {
+        kq_event ev = kq_poller_event(p, i);
+        if (ev.fd >= 0) out[count++] = ev;
+    }
+    return n < 0 ? -1 : count;
+}

@@ -4,20 +4,46 @@
 #include <errno.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
 
 #define EPOLL_BATCH 256
+#define CHANGE_CAP 64
+/* The events bit of an entry the poller writes itself, for a queued change the kernel refused
+ * (data: the errno above the fd).  EPOLLONESHOT is an input flag: epoll never reports it. */
+#define REFUSED EPOLLONESHOT
+/* The wake eventfd's data: read as data.fd it is -1, "not the caller's", on either endianness. */
+#define WAKE_DATA UINT64_MAX
+
+struct epoll_change {
+    int fd, old_mask, new_mask;  /* old_mask: what the kernel has */
+};
 
 struct kq_poller {
     int epfd;
     int wakefd;          /* eventfd: a cross-thread wake is a write to it */
     volatile int woken;  /* coalesces wake-ups: only the 0 -> 1 transition writes */
+    /* Modifications wait here for the next poll, one entry per fd: epoll has no batch call,
+     * so the point is merging (pausing and resuming write interest in one iteration costs
+     * one epoll_ctl, or none), as kqueue merges changes into its waiting kevent(). */
+    int nchanges;
+    struct epoll_change changes[CHANGE_CAP];
     struct epoll_event events[EPOLL_BATCH];
 };
 
 const char kq_poller_backend[] = "epoll";
+
+static int ctl(kq_poller *p, int op, int fd, int mask) {
+    struct epoll_event ev = {0};
+    /* EPOLLRDHUP reports the peer's FIN together with any data still buffered: the loop
+     * reads to the end before it acts on the hang-up. */
+    if (mask & KQ_READABLE) ev.events |= EPOLLIN | EPOLLRDHUP;
+    if (mask & KQ_WRITABLE) ev.events |= EPOLLOUT;
+    ev.data.fd = fd;
+    return epoll_ctl(p->epfd, op, fd, &ev);
+}
 
 kq_poller *kq_poller_create(void) {
     kq_poller *p = calloc(1, sizeof(*p));
@@ -26,7 +52,9 @@ kq_poller *kq_poller_create(void) {
     /* CLOEXEC: a forked-and-exec'd child must not keep our interest list alive. */
     p->epfd = epoll_create1(EPOLL_CLOEXEC);
     p->wakefd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    struct epoll_event ev = {.events = EPOLLIN, .data.fd = p->wakefd};
+    /* Edge-triggered: every write to an eventfd is a new edge, so the counter never needs
+     * draining (it would take 2^64 wake-ups to fill) and a wake costs the wait no read(). */
+    struct epoll_event ev = {.events = EPOLLIN | EPOLLET, .data.u64 = WAKE_DATA};
     if (p->epfd < 0 || p->wakefd < 0 || epoll_ctl(p->epfd, EPOLL_CTL_ADD, p->wakefd, &ev) < 0) {
         int saved = errno;
         kq_poller_free(p);
@@ -36,52 +64,87 @@ kq_poller *kq_poller_create(void) {
     return p;
 }
 
+static int find_change(const kq_poller *p, int fd) {
+    for (int i = 0; i < p->nchanges; i++)
+        if (p->changes[i].fd == fd) return i;
+    return -1;
+}
+
 int kq_poller_set(kq_poller *p, int fd, int old_mask, int new_mask) {
-    struct epoll_event ev = {0};
-    ev.data.fd = fd;
-    /* EPOLLRDHUP reports the peer's FIN together with any data still buffered: the loop
-     * reads to the end before it acts on the hang-up. */
-    if (new_mask & KQ_READABLE) ev.events |= EPOLLIN | EPOLLRDHUP;
-    if (new_mask & KQ_WRITABLE) ev.events |= EPOLLOUT;
+    int i;
     if (new_mask == 0) {
+        if ((i = find_change(p, fd)) >= 0) p->changes[i] = p->changes[--p->nchanges];
         /* Deregister before close: if the file description lives on in a dup() or a forked
          * child, epoll would keep reporting it under this fd number. */
+        struct epoll_event ev = {0};
         if (epoll_ctl(p->epfd, EPOLL_CTL_DEL, fd, &ev) < 0 && errno != ENOENT && errno != EBADF)
             return -1;
         return 0;
     }
-    return epoll_ctl(p->epfd, old_mask ? EPOLL_CTL_MOD : EPOLL_CTL_ADD, fd, &ev);
+    /* Adds are never queued: epoll_ctl answers at once for the price a queued add would
+     * cost anyway, and a refused fd (closed, a regular file) is the caller's to know. */
+    if (old_mask == 0) return ctl(p, EPOLL_CTL_ADD, fd, new_mask);
+    if ((i = find_change(p, fd)) >= 0) {
+        p->changes[i].new_mask = new_mask;
+        return 0;
+    }
+    if (p->nchanges == CHANGE_CAP) return ctl(p, EPOLL_CTL_MOD, fd, new_mask);
+    p->changes[p->nchanges++] = (struct epoll_change){fd, old_mask, new_mask};
+    return 0;
 }
 
-int kq_poller_wait(kq_poller *p, kq_event *out, int cap, int timeout_ms) {
-    if (cap > EPOLL_BATCH) cap = EPOLL_BATCH;
-    int n = epoll_wait(p->epfd, p->events, cap, timeout_ms);
-    if (n < 0) return -1;
-    int count = 0;
+int kq_poller_add(kq_poller *p, int fd, int mask) { return kq_poller_set(p, fd, 0, mask); }
+
+/* Applies up to limit queued changes.  A refused one becomes a REFUSED entry at the head of
+ * events (the last poll's events are spent by now); returns how many there are. */
+static int apply_changes(kq_poller *p, int limit) {
+    int n = p->nchanges < limit ? p->nchanges : limit, refused = 0;
     for (int i = 0; i < n; i++) {
-        struct epoll_event *e = &p->events[i];
-        if (e->data.fd == p->wakefd) {
-            uint64_t drained;
-            while (read(p->wakefd, &drained, sizeof(drained)) > 0) {}
-            /* Clear only after draining: a wake() in between sees the flag still set and
-             * skips its write, which is fine because the loop checks for work after this
-             * wait.  Cleared before draining, the flag could stay set over an empty eventfd
-             * and every later wake() would be skipped. */
-            __atomic_store_n(&p->woken, 0, __ATOMIC_SEQ_CST);
-            continue;
+        const struct epoll_change *c = &p->changes[i];
+        if (c->new_mask != c->old_mask && ctl(p, EPOLL_CTL_MOD, c->fd, c->new_mask) < 0) {
+            struct epoll_event *e = &p->events[refused++];
+            e->events = REFUSED;
+            e->data.u64 = (uint64_t)(uint32_t)errno << 32 | (uint32_t)c->fd;
         }
-        int mask = 0;
-        if (e->events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) mask |= KQ_READABLE;
-        if (e->events & EPOLLOUT) mask |= KQ_WRITABLE;
-        if (e->events & (EPOLLRDHUP | EPOLLHUP)) mask |= KQ_HANGUP;
-        /* EPOLLERR: the socket error is fetched by the read or write that follows. */
-        if (e->events & EPOLLERR) mask |= KQ_WRITABLE;
-        out[count].fd = e->data.fd;
-        out[count].mask = mask;
-        out[count].err = 0;
-        count++;
     }
-    return count;
+    p->nchanges -= n;
+    memmove(p->changes, p->changes + n, (size_t)p->nchanges * sizeof(p->changes[0]));
+    return refused;
+}
+
+static inline int kq_poller_poll(kq_poller *p, int cap, int timeout_ms) {
+    if (cap > EPOLL_BATCH) cap = EPOLL_BATCH;
+    /* Refusals are this poll's events: waiting first would only delay them. */
+    int refused = p->nchanges ? apply_changes(p, cap) : 0;
+    if (refused) return refused;
+    int n = epoll_wait(p->epfd, p->events, cap, timeout_ms);
+    /* A wake() that found the flag set skipped its write: the one that set it wrote (or is
+     * about to write) an edge that ends this wait or the next, and the loop checks for work
+     * after every wait.  So the flag may be cleared whether or not that edge came in. */
+    if (__atomic_load_n(&p->woken, __ATOMIC_RELAXED)) __atomic_store_n(&p->woken, 0, __ATOMIC_SEQ_CST);
+    return n;
+}
+
+/* Everything but plain readability, decoded out of line: the hot path stays small. */
+static kq_event unusual_event(const struct epoll_event *e) {
+    kq_event ev = {e->data.fd, 0, 0};
+    if (e->events & REFUSED) {
+        ev.fd = (int)(uint32_t)e->data.u64;
+        ev.mask = KQ_ERROR;
+        ev.err = (int)(e->data.u64 >> 32);
+        return ev;
+    }
+    if (e->events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) ev.mask |= KQ_READABLE;
+    /* EPOLLERR: the socket error is fetched by the read or write that follows. */
+    if (e->events & (EPOLLOUT | EPOLLERR)) ev.mask |= KQ_WRITABLE;
+    if (e->events & (EPOLLRDHUP | EPOLLHUP)) ev.mask |= KQ_HANGUP;
+    return ev;
+}
+
+static inline kq_event kq_poller_event(const kq_poller *p, int i) {
+    const struct epoll_event *e = &p->events[i];
+    if (e->events == EPOLLIN) return (kq_event){e->data.fd, KQ_READABLE, 0};
+    return unusual_event(e);
 }
 
 int kq_poller_wake(kq_poller *p) {

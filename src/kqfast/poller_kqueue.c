@@ -15,6 +15,10 @@
 #define CHANGE_CAP 256
 #define WAKE_IDENT 0          /* EVFILT_USER idents are their own namespace, not fds */
 #define MAX_WAIT_MS 86400000  /* Darwin answers EINVAL for very large timeouts */
+/* The udata of every delete.  An EV_ERROR entry is the change it answers with data set to
+ * the errno, udata included on every kqueue (FreeBSD does not echo the change's flags), so
+ * this is how an entry tells a delete's "already gone" from an add's refusal. */
+#define DELETE_TAG ((void *)1)
 
 struct kq_poller {
     int kq;
@@ -51,27 +55,22 @@ kq_poller *kq_poller_create(void) {
     return p;
 }
 
-/* ENOENT or EBADF can only answer a delete (adds for a closing fd are dropped first), and a
- * filter that is already gone is what a delete wants.  FreeBSD does not echo the change's
- * flags in an EV_ERROR entry, so the errno is all there is to go by. */
-static int is_gone(intptr_t err) { return err == ENOENT || err == EBADF; }
+/* A filter that is already gone is what a delete wants. */
+static int is_gone(const struct kevent *e) {
+    return e->udata == DELETE_TAG && (e->data == ENOENT || e->data == EBADF);
+}
 
-/* Submits the pending changes without draining events: EV_RECEIPT makes the kernel answer
- * every change with an EV_ERROR entry (data 0 on success) instead of stopping at the first
- * failure. */
-static int submit_changes(kq_poller *p) {
+/* Applies changes at once: EV_RECEIPT makes the kernel answer every change with an EV_ERROR
+ * entry (data 0 on success) instead of stopping at the first failure. */
+static int apply_now(kq_poller *p, struct kevent *changes, int n) {
     struct kevent receipts[CHANGE_CAP];
-    int n = p->nchanges;
-    if (n == 0) return 0;
-    for (int i = 0; i < n; i++) p->changes[i].flags |= EV_RECEIPT;
     struct timespec zero = {0, 0};
-    int got = kevent(p->kq, p->changes, n, receipts, n, &zero);
-    p->nchanges = 0;
+    for (int i = 0; i < n; i++) changes[i].flags |= EV_RECEIPT;
+    int got = kevent(p->kq, changes, n, receipts, n, &zero);
     if (got < 0) return -1;
     for (int i = 0; i < got; i++) {
-        intptr_t err = receipts[i].data;
-        if ((receipts[i].flags & EV_ERROR) && err != 0 && !is_gone(err)) {
-            errno = (int)err;
+        if ((receipts[i].flags & EV_ERROR) && receipts[i].data != 0 && !is_gone(&receipts[i])) {
+            errno = (int)receipts[i].data;
             return -1;
         }
     }
@@ -79,29 +78,19 @@ static int submit_changes(kq_poller *p) {
 }
 
 static int queue_change(kq_poller *p, int fd, short filter, unsigned short flags) {
-    if (p->nchanges == CHANGE_CAP && submit_changes(p) < 0) return -1;
-    EV_SET(&p->changes[p->nchanges++], fd, filter, flags, 0, 0, NULL);
+    if (p->nchanges == CHANGE_CAP) {
+        int failed = apply_now(p, p->changes, p->nchanges);
+        p->nchanges = 0;
+        if (failed < 0) return -1;
+    }
+    EV_SET(&p->changes[p->nchanges++], fd, filter, flags, 0, 0,
+           flags & EV_DELETE ? DELETE_TAG : NULL);
     return 0;
 }
 
-int kq_poller_set(kq_poller *p, int fd, int old_mask, int new_mask) {
-    if (new_mask == 0) {
-        /* The fd is about to be closed.  Drop its queued changes (an add for a closed fd
-         * would fail later, maybe after the number was reused) and delete its filters now:
-         * libkqueue, unlike the BSD kernels, does not forget an fd when it is closed. */
-        int kept = 0;
-        for (int i = 0; i < p->nchanges; i++)
-            if ((int)p->changes[i].ident != fd || p->changes[i].filter == EVFILT_USER)
-                p->changes[kept++] = p->changes[i];
-        p->nchanges = kept;
-        if (old_mask & KQ_READABLE) queue_change(p, fd, EVFILT_READ, EV_DELETE);
-        if (old_mask & KQ_WRITABLE) queue_change(p, fd, EVFILT_WRITE, EV_DELETE);
-        return submit_changes(p);
-    }
-    /* The add reaches the kernel only with the next wait, where an EBADF could no longer be
-     * told from a delete's: check the fd now, as epoll_ctl would. */
-    if (old_mask == 0 && fcntl(fd, F_GETFD) < 0) return -1;
-    /* Two filters, never OR-ed: EVFILT_READ | EVFILT_WRITE == EVFILT_READ. */
+/* Queues the filters that change; two filters, never OR-ed: EVFILT_READ | EVFILT_WRITE ==
+ * EVFILT_READ. */
+static int queue_interest(kq_poller *p, int fd, int old_mask, int new_mask) {
     int changed = old_mask ^ new_mask;
     if ((changed & KQ_READABLE) &&
         queue_change(p, fd, EVFILT_READ, (new_mask & KQ_READABLE) ? EV_ADD : EV_DELETE) < 0)
@@ -112,7 +101,38 @@ int kq_poller_set(kq_poller *p, int fd, int old_mask, int new_mask) {
     return 0;
 }
 
-int kq_poller_wait(kq_poller *p, kq_event *out, int cap, int timeout_ms) {
+/* The fd is about to be closed.  Drop its queued changes (an add for a closed fd would fail
+ * later, maybe after the number was reused) and delete its filters now, both the kernel's
+ * and those a dropped change would have added or deleted: libkqueue, unlike the BSD kernels,
+ * does not forget an fd when it is closed.  The other fds' changes keep waiting. */
+static int remove_now(kq_poller *p, int fd, int mask) {
+    struct kevent deletes[2];
+    int kept = 0, n = 0;
+    for (int i = 0; i < p->nchanges; i++) {
+        if ((int)p->changes[i].ident != fd || p->changes[i].filter == EVFILT_USER)
+            p->changes[kept++] = p->changes[i];
+        else
+            mask |= p->changes[i].filter == EVFILT_WRITE ? KQ_WRITABLE : KQ_READABLE;
+    }
+    p->nchanges = kept;
+    if (mask & KQ_READABLE) EV_SET(&deletes[n++], fd, EVFILT_READ, EV_DELETE, 0, 0, DELETE_TAG);
+    if (mask & KQ_WRITABLE) EV_SET(&deletes[n++], fd, EVFILT_WRITE, EV_DELETE, 0, 0, DELETE_TAG);
+    return n ? apply_now(p, deletes, n) : 0;
+}
+
+int kq_poller_set(kq_poller *p, int fd, int old_mask, int new_mask) {
+    if (new_mask == 0) return remove_now(p, fd, old_mask);
+    /* The add reaches the kernel only with the next wait: check the fd now, as epoll_ctl
+     * would, so that a caller registering an fd it did not create learns at once. */
+    if (old_mask == 0 && fcntl(fd, F_GETFD) < 0) return -1;
+    return queue_interest(p, fd, old_mask, new_mask);
+}
+
+/* The fd was just created, so it is open: no fcntl() per connection.  Should the kernel
+ * still refuse it, the wait reports that as a KQ_ERROR event (its udata is no DELETE_TAG). */
+int kq_poller_add(kq_poller *p, int fd, int mask) { return queue_interest(p, fd, 0, mask); }
+
+static inline int kq_poller_poll(kq_poller *p, int cap, int timeout_ms) {
     struct timespec ts, *tsp = NULL;
     if (timeout_ms >= 0) {
         if (timeout_ms > MAX_WAIT_MS) timeout_ms = MAX_WAIT_MS;
@@ -129,42 +149,43 @@ int kq_poller_wait(kq_poller *p, kq_event *out, int cap, int timeout_ms) {
         return -1;
     }
     p->nchanges = 0;
-    int count = 0;
-    for (int i = 0; i < n; i++) {
-        struct kevent *e = &p->events[i];
-        /* Test EV_ERROR as a bit: macOS returns it OR-ed with the change's own flags.  Such
-         * an entry answers a failed change; it is never readiness. */
-        if (e->flags & EV_ERROR) {
-            if (is_gone(e->data)) continue;
-            out[count].fd = (int)e->ident;
-            out[count].mask = KQ_ERROR;
-            out[count].err = (int)e->data;
-            count++;
-            continue;
-        }
-        if (e->filter == EVFILT_USER) {
-            /* EV_CLEAR consumed the trigger; a wake() before this store is covered by the
-             * loop's check for work after the wait (see poller_epoll.c). */
-            __atomic_store_n(&p->woken, 0, __ATOMIC_SEQ_CST);
-            continue;
-        }
-        int mask = e->filter == EVFILT_WRITE ? KQ_WRITABLE : KQ_READABLE;
-        int err = 0;
-        /* EV_EOF on a read filter may come with bytes still buffered ("data"): the loop
-         * reads to the end first.  On a write filter EV_EOF also follows our own
-         * shutdown(SHUT_WR), so it is no hang-up by itself.  Either way the socket error, if
-         * any, is in fflags (not data), and it must be passed on: libkqueue fetches it with
-         * SO_ERROR, which clears it, so a failed connect() would look like a success. */
-        if (e->flags & EV_EOF) {
-            if (e->filter == EVFILT_READ) mask |= KQ_HANGUP;
-            err = (int)e->fflags;
-        }
-        out[count].fd = (int)e->ident;
-        out[count].mask = mask;
-        out[count].err = err;
-        count++;
+    /* EV_CLEAR consumes a trigger when it is reported.  A wake() that found the flag set
+     * skipped its trigger: the one that set it triggered (or is about to) and ends this
+     * wait or the next, and the loop checks for work after every wait; so the flag may be
+     * cleared whether or not the trigger came in. */
+    if (__atomic_load_n(&p->woken, __ATOMIC_RELAXED)) __atomic_store_n(&p->woken, 0, __ATOMIC_SEQ_CST);
+    return n;
+}
+
+/* Everything but plain readiness, decoded out of line: the hot path stays small. */
+static kq_event unusual_event(const struct kevent *e) {
+    kq_event ev = {(int)e->ident, e->filter == EVFILT_WRITE ? KQ_WRITABLE : KQ_READABLE, 0};
+    /* Test EV_ERROR as a bit: macOS returns it OR-ed with the change's own flags.  Such an
+     * entry answers a failed change; it is never readiness. */
+    if (e->flags & EV_ERROR) {
+        ev.mask = KQ_ERROR;
+        ev.err = (int)e->data;
+        if (is_gone(e)) ev.fd = -1;
+        return ev;
     }
-    return count;
+    if (e->filter == EVFILT_USER) {
+        ev.fd = -1;  /* a wake-up */
+        return ev;
+    }
+    /* EV_EOF on a read filter may come with bytes still buffered ("data"): the loop reads to
+     * the end first.  On a write filter EV_EOF also follows our own shutdown(SHUT_WR), so it
+     * is no hang-up by itself.  Either way the socket error, if any, is in fflags (not data),
+     * and it must be passed on: libkqueue fetches it with SO_ERROR, which clears it, so a
+     * failed connect() would look like a success. */
+    if (e->filter == EVFILT_READ) ev.mask |= KQ_HANGUP;
+    ev.err = (int)e->fflags;
+    return ev;
+}
+
+static inline kq_event kq_poller_event(const kq_poller *p, int i) {
+    const struct kevent *e = &p->events[i];
+    if ((e->flags & (EV_ERROR | EV_EOF)) || e->filter == EVFILT_USER) return unusual_event(e);
+    return (kq_event){(int)e->ident, e->filter == EVFILT_WRITE ? KQ_WRITABLE : KQ_READABLE, 0};
 }
 
 int kq_poller_wake(kq_poller *p) {

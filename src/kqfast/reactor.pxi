@@ -76,10 +76,9 @@ cdef class Reactor:
         L.nconns = fd_table_size()
         # The table is touched only where fds land, so idle memory is what connections use.
         L.conns = <Conn *>calloc(L.nconns, sizeof(Conn))
-        L.rbuf = <char *>malloc(READ_CHUNK)
         L.records = <Record *>malloc(RECORD_CAP * sizeof(Record))
         L.arena = <char *>malloc(ARENA_SIZE)
-        if L.conns is NULL or L.rbuf is NULL or L.records is NULL or L.arena is NULL:
+        if L.conns is NULL or L.records is NULL or L.arena is NULL:
             raise MemoryError()
         timers_init(L)
         L.handler = H_PROTOCOL
@@ -97,7 +96,6 @@ cdef class Reactor:
             c_close(L.reserve_fd)
         kq_poller_free(L.poller)
         free(L.conns)
-        free(L.rbuf)
         free(L.records)
         free(L.arena)
         free(L.handoff_fds)
@@ -113,6 +111,7 @@ cdef class Reactor:
         else:
             L.handler = H_PROTOCOL
         L.max_line, L.high_water, L.low_water = max_line, high_water, low_water
+        L.plain_echo = L.handler == H_ECHO and L.high_water > 0
         L.max_output = max_output
         timers_configure(L, idle_timeout, linger_timeout)
         L.max_connections = max_connections
@@ -312,7 +311,7 @@ cdef class Reactor:
         if not self.configured or self.core.finished:
             raise RuntimeError("the loop is not configured or has already run")
         old_wakeup = self.watch_signals()
-        self.core.now = kq_monotonic()
+        set_clock(&self.core)
         try:
             while not self.core.finished:
                 with nogil:
@@ -470,11 +469,12 @@ cdef class Reactor:
         """Test hook: handles [(fd, mask, err)] as if the poller had returned them, then
         runs the Python pass and the callbacks it scheduled.  Lets the fuzz tests send what a
         kernel rarely does."""
-        cdef int n = min(len(events), EVENT_CAP)
-        for i in range(n):
-            self.core.events[i].fd, self.core.events[i].mask, self.core.events[i].err = events[i]
-        self.core.now = kq_monotonic()
-        handle_events(&self.core, n)
+        cdef kq_event ev
+        set_clock(&self.core)
+        for i in range(min(len(events), EVENT_CAP)):
+            ev.fd, ev.mask, ev.err = events[i]
+            handle_event(&self.core, ev)
+        end_batch(&self.core)
         self.core.nwatched = 0
         dispatch(self)
         ready = self.loop._ready

@@ -4,7 +4,9 @@ from libc.stdint cimport uint32_t
 cdef extern from "<sys/types.h>" nogil:
     ctypedef long ssize_t
 
-cdef extern from "poller.h" nogil:
+# poller.c, not poller.h: the backend is compiled into this module, so its event decoder
+# inlines into the loop (see poller.h).
+cdef extern from "poller.c" nogil:
     enum:
         KQ_READABLE
         KQ_WRITABLE
@@ -18,6 +20,9 @@ cdef extern from "poller.h" nogil:
         pass
     kq_poller *kq_poller_create()
     int kq_poller_set(kq_poller *p, int fd, int old_mask, int new_mask)
+    int kq_poller_add(kq_poller *p, int fd, int mask)
+    int kq_poller_poll(kq_poller *p, int cap, int timeout_ms)
+    kq_event kq_poller_event(kq_poller *p, int i)
     int kq_poller_wait(kq_poller *p, kq_event *out, int cap, int timeout_ms)
     int kq_poller_wake(kq_poller *p)
     void kq_poller_free(kq_poller *p)

@@ -58,10 +58,12 @@ cdef void admit(LoopCore *L, int fd, int origin) noexcept nogil:
         kq_abort_fd(fd)
         return
     open_conn(L, fd, served | (C_PY if L.handler == H_PROTOCOL else 0))
-    if set_mask(L, fd, KQ_READABLE) < 0:
+    # Just accepted, so open: the poller need not check it (kqueue would, with a syscall).
+    if kq_poller_add(L.poller, fd, KQ_READABLE) < 0:
         L.n_errors += 1
         close_now(L, fd, True)
         return
+    L.conns[fd].mask = KQ_READABLE
     if L.handler == H_PROTOCOL:
         r = record(L, fd, R_MADE, 0, 0, 0)
         r.origin, r.origin_gen = origin, L.conns[origin].gen

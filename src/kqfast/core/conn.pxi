@@ -24,7 +24,11 @@ cdef inline Conn *live(LoopCore *L, int fd, uint32_t gen) noexcept nogil:
 
 
 cdef inline int set_mask(LoopCore *L, int fd, int mask) noexcept nogil:
-    cdef Conn *c = &L.conns[fd]
+    return set_conn_mask(L, &L.conns[fd], fd, mask)
+
+
+cdef inline int set_conn_mask(LoopCore *L, Conn *c, int fd, int mask) noexcept nogil:
+    """set_mask when the caller has fd's entry c at hand."""
     if c.mask == mask:
         return 0
     if kq_poller_set(L.poller, fd, c.mask, mask) < 0:

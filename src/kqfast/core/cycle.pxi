@@ -3,17 +3,18 @@
 # call, a signal, the stop); an asyncio loop runs it once per iteration.
 
 
-cdef int poll_once(LoopCore *L, int timeout_ms) noexcept nogil:
-    """One wait and what it brought; returns the wait's result (-1: errno says why)."""
-    cdef int n, deadline = next_timeout_ms(L)
-    if deadline >= 0 and (timeout_ms < 0 or deadline < timeout_ms):
-        timeout_ms = deadline
-    n = kq_poller_wait(L.poller, L.events, EVENT_CAP, timeout_ms)
-    L.now = kq_monotonic()
+cdef inline int poll_once(LoopCore *L, int timeout_ms) noexcept nogil:
+    """One wait and what it brought; returns 0, or -1 when the wait failed (errno says
+    why).  Inline: run_native's loop keeps one frame over all its wakes."""
+    cdef int n, due = wait_ms(L)
+    if due >= 0 and (timeout_ms < 0 or due < timeout_ms):
+        timeout_ms = due
+    n = kq_poller_poll(L.poller, EVENT_CAP, timeout_ms)
+    set_clock(L)  # the wake's one clock read: every stamp and deadline uses it
     if n < 0:
         return -1
     handle_events(L, n)
-    return n
+    return 0
 
 
 cdef void run_native(LoopCore *L) noexcept nogil:
@@ -36,44 +37,92 @@ cdef void run_native(LoopCore *L) noexcept nogil:
             return
 
 
-cdef void handle_events(LoopCore *L, int n) noexcept nogil:
-    cdef int i, fd, mask
+cdef inline void handle_events(LoopCore *L, int n) noexcept nogil:
+    """The poll's n events, each decoded where the kernel wrote it, then the batch's end."""
+    cdef kq_poller *p = L.poller
+    cdef kq_event ev
     cdef Conn *c
+    cdef int i
     for i in range(n):
-        fd = L.events[i].fd
-        mask = L.events[i].mask
-        if fd < 0 or fd >= L.nconns:
-            continue
-        c = &L.conns[fd]
-        if c.kind == K_STREAM:
-            if mask & KQ_ERROR:
-                fail(L, fd, L.events[i].err)
-                continue
-            if mask & KQ_READABLE:
-                on_readable(L, fd, L.events[i].err)
-            if mask & KQ_WRITABLE and c.kind == K_STREAM and c.mask & KQ_WRITABLE:
-                on_writable(L, fd)
-        elif c.kind == K_LISTENER or c.kind == K_INBOX:
-            L.sources[L.nsources] = fd
-            L.nsources += 1
-        elif c.kind == K_WATCHED:
-            # An error is reported as readiness both ways: the callbacks find it when they
-            # read or write, as with the standard library's selectors.
-            L.watched[L.nwatched] = L.events[i]
-            if mask & KQ_ERROR:
-                L.watched[L.nwatched].mask = c.mask
-            elif L.events[i].err:
-                c.error = L.events[i].err  # see Reactor.take_error
-            L.nwatched += 1
-        elif c.kind == K_SIGNAL:
-            while recv(fd, L.rbuf, READ_CHUNK, 0) > 0:
-                pass
-            L.signal_pending = 1
-        # K_FREE: closed earlier in this batch, its stale events are dropped.
+        ev = kq_poller_event(p, i)
+        # The hot path, tested first so that the compiler can merge the test into the
+        # decoder's own: plain input.
+        if ev.mask == KQ_READABLE and ev.err == 0:
+            on_input_event(L, ev.fd)
+        else:
+            handle_event(L, ev)
+    end_batch(L)
+
+
+cdef inline void on_input_event(LoopCore *L, int fd) noexcept nogil:
+    """Plain readability: a native stream in its ordinary state reads at once."""
+    cdef Conn *c
+    if <unsigned int>fd < <unsigned int>L.nconns:
+        c = &L.conns[<unsigned int>fd]
+        if c.kind == K_STREAM and not (c.flags & C_NOT_PLAIN):
+            read_native(L, c, fd)
+            return
+    on_other_input(L, fd)
+
+
+cdef void on_other_input(LoopCore *L, int fd) noexcept nogil:
+    cdef kq_event ev
+    ev.fd, ev.mask, ev.err = fd, KQ_READABLE, 0
+    handle_event(L, ev)
+
+
+cdef void handle_event(LoopCore *L, kq_event ev) noexcept nogil:
+    """Routes one event by its table entry's kind."""
+    # One unsigned comparison drops the poller's own entries (fd -1) and fds off the table.
+    if <unsigned int>ev.fd >= <unsigned int>L.nconns:
+        return
+    if L.conns[ev.fd].kind == K_STREAM:
+        on_stream_event(L, ev.fd, ev.mask, ev.err)
+    else:
+        on_entry_event(L, ev)
+
+
+cdef void on_stream_event(LoopCore *L, int fd, int mask, int err) noexcept nogil:
+    cdef Conn *c = &L.conns[fd]
+    if mask & KQ_ERROR:
+        fail(L, fd, err)
+        return
+    if mask & KQ_READABLE:
+        on_readable(L, fd, err)
+    if mask & KQ_WRITABLE and c.kind == K_STREAM and c.mask & KQ_WRITABLE:
+        on_writable(L, fd)
+
+
+cdef void on_entry_event(LoopCore *L, kq_event ev) noexcept nogil:
+    """An event for a fd that is not a stream: a listener, an inbox, one of the selector's,
+    the signal socket; or one closed earlier in this batch (K_FREE), whose stale event is
+    dropped."""
+    cdef Conn *c = &L.conns[ev.fd]
+    if c.kind == K_LISTENER or c.kind == K_INBOX:
+        L.sources[L.nsources] = ev.fd
+        L.nsources += 1
+    elif c.kind == K_WATCHED:
+        # An error is reported as readiness both ways: the callbacks find it when they
+        # read or write, as with the standard library's selectors.
+        L.watched[L.nwatched] = ev
+        if ev.mask & KQ_ERROR:
+            L.watched[L.nwatched].mask = c.mask
+        elif ev.err:
+            c.error = ev.err  # see Reactor.take_error
+        L.nwatched += 1
+    elif c.kind == K_SIGNAL:
+        while recv(ev.fd, L.rbuf, READ_CHUNK, 0) > 0:
+            pass
+        L.signal_pending = 1
+
+
+cdef inline void end_batch(LoopCore *L) noexcept nogil:
     # Accept after the batch: a fd closed above may come back at once as a new client, and
     # the batch's stale events for the old one must not reach it.
-    serve_sources(L)
-    expire_timers(L)
+    if L.nsources:
+        serve_sources(L)
+    if L.now >= L.next_expiry:
+        expire_timers(L)
 
 
 cdef void begin_stop(LoopCore *L) noexcept nogil:
@@ -81,6 +130,8 @@ cdef void begin_stop(LoopCore *L) noexcept nogil:
     gracefully."""
     cdef int fd
     L.stopping = 1
+    if L.stop_deadline < L.next_expiry:
+        L.next_expiry = L.stop_deadline  # the wait must end by then
     close_sources(L)
     for fd in range(L.nconns):
         if L.conns[fd].kind == K_STREAM and not (L.conns[fd].flags & C_CLOSING):

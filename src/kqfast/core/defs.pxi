@@ -48,6 +48,8 @@ cdef enum:
     C_SERVED = 2048     # kqfast.Server's limits apply: idle timeout, max_output, lingering
     C_BUFFERED = 4096   # asyncio.BufferedProtocol: the Python pass reads into get_buffer()
     C_UNIX = 8192       # a listener of Unix sockets (no TCP_NODELAY on what it accepts)
+    # Any of these takes a stream's input off the hot path (read_native) to on_readable.
+    C_NOT_PLAIN = C_PY | C_LINGER | C_CLOSING | C_READ_PAUSED | C_LOST | C_BUFFERED
 
 # Timer lists: each open connection is on one, ordered by last activity because every
 # connection on a list has the same timeout.  Moving to the tail on activity is O(1).
@@ -109,11 +111,13 @@ ctypedef struct TimerList:
     double granule
 
 ctypedef struct LoopCore:
+    # The native handlers read here and echo from here.  First in the struct, not malloc'ed:
+    # its address is then L's own, which the hot path has in a register anyway (one fewer
+    # value to keep across recv() and send()).
+    char rbuf[READ_CHUNK]
     kq_poller *poller
     Conn *conns
     int nconns
-    char *rbuf                  # the native handlers read here and echo from here
-    kq_event events[EVENT_CAP]
     # Sources of new streams that were readable in this batch, served after it.
     int sources[EVENT_CAP]
     int nsources
@@ -125,10 +129,20 @@ ctypedef struct LoopCore:
     int *handoff_fds
     int nhandoff, next_handoff
     int handler                 # what serves the streams kqfast.Server accepts
+    # H_ECHO with a high_water above 0: an echo sent in full leaves nothing queued, so no
+    # backpressure to check (a high_water of 0 stops reading at any amount, none included).
+    bint plain_echo
     size_t max_line, high_water, low_water, max_output
     int max_connections
     double now, stop_deadline
     TimerList timers[TIMER_LISTS]
+    # No deadline comes before this (INFINITY: none), so the wait's timeout is one
+    # subtraction and a wake with nothing due skips the expiry.  It may come early (the head
+    # it was taken from moved on): that wake expires nothing and takes the exact one.
+    double next_expiry
+    # Per list, now - granule: activity on a connection stamped at or before it moves it to
+    # its list's tail (set with now, so touch() is one comparison).
+    double restamp[TIMER_LISTS]
     # Set by other threads (kq_store), read by the loop's (kq_load).
     int stop_requested, calls_pending
     int stopping, finished, wait_errno, wait_failures, signal_pending

@@ -13,19 +13,23 @@ cdef inline bint is_blank(const char *s, size_t n) noexcept nogil:
     return True
 
 
-cdef inline void after_emit(LoopCore *L, int fd, int err) noexcept nogil:
-    """Backpressure: a peer that does not read stops being read from."""
-    cdef Conn *c = &L.conns[fd]
-    if err:
+cdef inline void after_emit(LoopCore *L, Conn *c, int fd, int err) noexcept nogil:
+    """Backpressure: a peer that does not read stops being read from.  err: what emit()
+    returned."""
+    if err > 0:
         fail(L, fd, err)
     elif buf_len(c.out) >= L.high_water and not (c.flags & C_READ_PAUSED):
         c.flags |= C_READ_PAUSED
-        if set_mask(L, fd, c.mask & ~KQ_READABLE) < 0:
+        if set_conn_mask(L, c, fd, c.mask & ~KQ_READABLE) < 0:
             fail(L, fd, errno)
 
 
-cdef inline void echo_bytes(LoopCore *L, int fd, const char *data, size_t n) noexcept nogil:
-    after_emit(L, fd, emit(L, fd, data, n))
+cdef inline void echo_bytes(LoopCore *L, Conn *c, int fd, const char *data,
+                            size_t n) noexcept nogil:
+    """Raw echo (the plain_echo case: all sent means no backpressure to check)."""
+    cdef int err = emit(L, c, fd, data, n)
+    if err != SENT:
+        after_emit(L, c, fd, err)
 
 
 cdef void echo_lines(LoopCore *L, int fd, const char *data, size_t n) noexcept nogil:
@@ -46,18 +50,18 @@ cdef void echo_lines(LoopCore *L, int fd, const char *data, size_t n) noexcept n
             run += length
             continue
         # The line began in earlier data: it is echoed from its own buffer.
-        err = emit(L, fd, line, length)
-        if err:
+        err = emit(L, c, fd, line, length)
+        if err > 0:
             free(cur.joined)
             fail(L, fd, err)
             return
         run_start = data + cur.pos
     free(cur.joined)
-    err = emit(L, fd, run_start, run)
-    if err:
+    err = emit(L, c, fd, run_start, run)
+    if err > 0:
         fail(L, fd, err)
     elif found == LINE_MORE:
-        after_emit(L, fd, 0)
+        after_emit(L, c, fd, 0)
     elif found == LINE_NOMEM:
         fail(L, fd, ENOMEM)
     else:

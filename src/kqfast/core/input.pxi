@@ -4,14 +4,14 @@
 # to read.
 
 
-cdef inline void on_readable(LoopCore *L, int fd, int hangup_err) noexcept nogil:
-    """hangup_err: the socket error a kqueue EV_EOF carried.  libkqueue fetches it with
-    SO_ERROR, which clears it, so recv() would report a plain EOF for a reset: it is kept
-    until the input ends."""
+cdef void on_readable(LoopCore *L, int fd, int hangup_err) noexcept nogil:
+    """Input in general (the cycle takes plain input of a native stream to read_native
+    directly).  hangup_err: the socket error a kqueue EV_EOF carried.  libkqueue fetches it
+    with SO_ERROR, which clears it, so recv() would report a plain EOF for a reset: it is
+    kept until the input ends."""
     cdef Conn *c = &L.conns[fd]
     cdef ssize_t n
-    cdef char *dst = L.rbuf
-    cdef size_t room = READ_CHUNK
+    cdef size_t room
     if hangup_err:
         c.error = hangup_err
     if c.flags & C_LINGER:
@@ -27,25 +27,47 @@ cdef inline void on_readable(LoopCore *L, int fd, int hangup_err) noexcept nogil
         if L.nrecords < RECORD_SOFT_CAP:
             record(L, fd, R_READABLE, 0, 0, 0)
         return
-    if c.flags & C_PY:
-        if ARENA_SIZE - L.arena_used < ARENA_MIN_ROOM or L.nrecords >= RECORD_SOFT_CAP:
-            return  # level-triggered: the rest is read after this batch is dispatched
-        dst = L.arena + L.arena_used
-        room = ARENA_SIZE - L.arena_used
-        if room > READ_CHUNK:
-            room = READ_CHUNK
-    n = recv(fd, dst, room, 0)
+    if not (c.flags & C_PY):
+        read_native(L, c, fd)
+        return
+    if ARENA_SIZE - L.arena_used < ARENA_MIN_ROOM or L.nrecords >= RECORD_SOFT_CAP:
+        return  # level-triggered: the rest is read after this batch is dispatched
+    room = ARENA_SIZE - L.arena_used
+    if room > READ_CHUNK:
+        room = READ_CHUNK
+    n = recv(fd, L.arena + L.arena_used, room, 0)
     if n > 0:
         L.bytes_in += n
         touch(L, fd)
-        if c.flags & C_PY:
-            record(L, fd, R_DATA, 0, L.arena_used, n)
-            L.arena_used += n
+        record(L, fd, R_DATA, 0, L.arena_used, n)
+        L.arena_used += n
+    else:
+        read_ended(L, fd, n)
+
+
+cdef inline void read_native(LoopCore *L, Conn *c, int fd) noexcept nogil:
+    """One read into the loop's buffer, for the native handler to echo from.  c: fd's entry
+    (passed along the hot path: after each call into libc it would be looked up again), on
+    the idle list or on none: no native stream is on another before it closes."""
+    cdef ssize_t n = recv(fd, L.rbuf, READ_CHUNK, 0)
+    if n > 0:
+        L.bytes_in += n
+        touch_idle(L, c, fd)
+        if L.plain_echo:
+            echo_bytes(L, c, fd, L.rbuf, n)
         elif L.handler == H_ECHO:
-            echo_bytes(L, fd, dst, n)
+            after_emit(L, c, fd, emit(L, c, fd, L.rbuf, n))
         else:
-            echo_lines(L, fd, dst, n)
-    elif n == 0 and c.error:
+            echo_lines(L, fd, L.rbuf, n)
+    else:
+        read_ended(L, fd, n)
+
+
+cdef void read_ended(LoopCore *L, int fd, ssize_t n) noexcept nogil:
+    """recv() gave n <= 0: the end of the input (a reset when the hang-up said so), or not
+    yet, or a failure."""
+    cdef Conn *c = &L.conns[fd]
+    if n == 0 and c.error:
         fail(L, fd, c.error)
     elif n == 0:
         on_eof(L, fd)
@@ -58,19 +80,21 @@ cdef void on_eof(LoopCore *L, int fd) noexcept nogil:
     cdef Buffer *p = c.partial
     cdef int err
     c.flags |= C_EOF
-    # Level-triggered EOF stays readable forever: stop listening for it.
-    if set_mask(L, fd, c.mask & ~KQ_READABLE) < 0:
-        fail(L, fd, errno)
-        return
     if c.flags & C_PY:
+        # Level-triggered EOF stays readable forever: stop listening for it.
+        if set_mask(L, fd, c.mask & ~KQ_READABLE) < 0:
+            fail(L, fd, errno)
+            return
         record(L, fd, R_EOF, 0, 0, 0)
         return
+    # A native stream stops reading in begin_close, which leaves write interest only, or
+    # none: interest changes once, not through a removal and an add.
     if p is not NULL:
         # A last line without its newline is still echoed: no byte is dropped at EOF.
         c.partial = NULL
         if not is_blank(buf_data(p) + p.start, p.end - p.start):
-            err = emit(L, fd, buf_data(p) + p.start, p.end - p.start)
-            if err:
+            err = emit(L, c, fd, buf_data(p) + p.start, p.end - p.start)
+            if err > 0:
                 free(p)
                 fail(L, fd, err)
                 return

@@ -24,28 +24,42 @@ cdef int flush(LoopCore *L, int fd) noexcept nogil:
     return 0
 
 
-cdef inline int emit(LoopCore *L, int fd, const char *data, size_t n) noexcept nogil:
+# What emit() did, when it did not fail (it then returns the errno, > 0).
+cdef enum:
+    SENT = 0            # all of it went out (or there was nothing): nothing is queued
+    QUEUED = -1         # what the socket did not take waits in c.out
+
+
+cdef inline int emit(LoopCore *L, Conn *c, int fd, const char *data, size_t n) noexcept nogil:
     """Sends at once when nothing is queued, queues the rest and asks for write readiness;
-    returns 0, or an errno when the connection failed."""
-    cdef Conn *c = &L.conns[fd]
-    cdef ssize_t sent = 0
+    returns SENT, QUEUED or an errno (the connection failed).  c: fd's entry."""
+    cdef ssize_t sent
     if n == 0:
-        return 0
-    if c.out is NULL:
-        sent = kq_send(fd, data, n)
-        if sent < 0:
-            if not kq_retry_later(errno):
-                return errno
-            sent = 0
-        L.bytes_out += sent
-        if <size_t>sent == n:
-            return 0
+        return SENT
+    if c.out is not NULL:
+        return queue_output(L, c, fd, data, n, 0)
+    sent = kq_send(fd, data, n)
+    if sent == <ssize_t>n:
+        L.bytes_out += n
+        return SENT
+    return queue_output(L, c, fd, data, n, sent)
+
+
+cdef int queue_output(LoopCore *L, Conn *c, int fd, const char *data, size_t n,
+                      ssize_t sent) noexcept nogil:
+    """What the socket did not take of data waits in c.out behind write interest (sent:
+    what send() returned, 0 when it was not called); returns QUEUED, or an errno."""
+    if sent < 0:
+        if not kq_retry_later(errno):
+            return errno
+        sent = 0
+    L.bytes_out += sent
     c.out = buf_append(c.out, data + sent, n - sent)
     if c.out is NULL:
         return ENOMEM
-    if set_mask(L, fd, c.mask | KQ_WRITABLE) < 0:
+    if set_conn_mask(L, c, fd, c.mask | KQ_WRITABLE) < 0:
         return errno
-    return 0
+    return QUEUED
 
 
 cdef void begin_close(LoopCore *L, int fd) noexcept nogil:
@@ -89,7 +103,7 @@ cdef void fail(LoopCore *L, int fd, int err) noexcept nogil:
 
 cdef void on_writable(LoopCore *L, int fd) noexcept nogil:
     cdef Conn *c = &L.conns[fd]
-    cdef int err
+    cdef int err, mask
     if c.flags & C_LOST:
         return
     err = flush(L, fd)
@@ -101,18 +115,19 @@ cdef void on_writable(LoopCore *L, int fd) noexcept nogil:
         record(L, fd, R_RESUME, 0, 0, 0)
     if c.out is not NULL:
         return
-    if set_mask(L, fd, c.mask & ~KQ_WRITABLE) < 0:
-        fail(L, fd, errno)
+    # Drained.  The interest moves to what comes next in one change, never through 0 (a
+    # removal, then an add).
+    if c.flags & C_CLOSING and not (c.flags & C_PY):
+        finish_write_side(L, fd)
         return
-    if c.flags & C_CLOSING:
-        if c.flags & C_PY:
-            record(L, fd, R_CLOSED, 0, 0, 0)
-        else:
-            finish_write_side(L, fd)
+    mask = c.mask & ~KQ_WRITABLE
+    if (c.flags & (C_READ_PAUSED | C_PY)) == C_READ_PAUSED:
+        c.flags &= ~C_READ_PAUSED  # a native echo's backpressure is over
+        mask |= KQ_READABLE
+    if set_mask(L, fd, mask) < 0:
+        fail(L, fd, errno)
+    elif c.flags & C_CLOSING:
+        record(L, fd, R_CLOSED, 0, 0, 0)
     elif c.flags & C_WRITE_EOF and not (c.flags & C_WRITE_SHUT):
         shutdown(fd, SHUT_WR)
         c.flags |= C_WRITE_SHUT
-    elif c.flags & C_READ_PAUSED and not (c.flags & C_PY):
-        c.flags &= ~C_READ_PAUSED
-        if set_mask(L, fd, c.mask | KQ_READABLE) < 0:
-            fail(L, fd, errno)
