@@ -2,13 +2,14 @@
 wait(timeout) -> [(fd, mask, err)], wake(), close(), on real socket pairs."""
 from __future__ import annotations
 
+import errno
 import socket
 import threading
 import time
 
 import pytest
 
-from kqfast._core import ERROR, HANGUP, READABLE, WRITABLE, Poller
+from kqfast._core import BACKEND, ERROR, HANGUP, READABLE, WRITABLE, Poller
 from support import tcp_pair
 
 
@@ -267,6 +268,42 @@ def test_interest_on_a_closed_fd_raises_oserror(poller):
         for efd, mask, err in events:
             if efd == fd and mask & ERROR and err:
                 raise OSError(err, "reported as an event")
+
+
+def test_changes_of_one_iteration_merge(poller, pair):
+    """Write interest added and taken back before a wait is as if it never was: the wait
+    reports readability only (a queueing backend applies the net change, or none)."""
+    a, b = pair
+    poller.set(a.fileno(), 0, READABLE)
+    poller.set(a.fileno(), READABLE, READABLE | WRITABLE)
+    poller.set(a.fileno(), READABLE | WRITABLE, READABLE)
+    b.sendall(b"x")
+    got = masks(poller.wait(5))
+    assert got == {a.fileno(): READABLE}
+
+
+def test_refused_queued_change_is_an_error_event(poller):
+    """A queued change that the kernel refuses when the wait applies it (here: the fd was
+    closed behind the poller's back) comes back from that wait as an ERROR event for the fd
+    with the errno, never as readiness; a backend that applies it at once raises instead."""
+    a, b = socket.socketpair()
+    fd = a.fileno()
+    try:
+        poller.set(fd, 0, READABLE)
+        a.close()
+        try:
+            poller.set(fd, READABLE, READABLE | WRITABLE)
+        except OSError as exc:
+            assert exc.errno in (errno.EBADF, errno.ENOENT)
+            return
+        got = [(mask, err) for efd, mask, err in poller.wait(0) if efd == fd]
+        if BACKEND == "epoll":  # libkqueue takes such a change without a word
+            assert len(got) == 1
+        assert all(mask == ERROR and err in (errno.EBADF, errno.ENOENT) for mask, err in got)
+        assert poller.wait(0) == []  # reported once
+    finally:
+        poller.set(fd, READABLE | WRITABLE, 0)
+        b.close()
 
 
 def test_closed_poller_refuses_calls():

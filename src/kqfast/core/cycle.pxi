@@ -3,9 +3,9 @@
 # call, a signal, the stop); an asyncio loop runs it once per iteration.
 
 
-cdef inline int poll_once(LoopCore *L, int timeout_ms) noexcept nogil:
+cdef int poll_once(LoopCore *L, int timeout_ms) noexcept nogil:
     """One wait and what it brought; returns 0, or -1 when the wait failed (errno says
-    why).  Inline: run_native's loop keeps one frame over all its wakes."""
+    why)."""
     cdef int n, due = wait_ms(L)
     if due >= 0 and (timeout_ms < 0 or due < timeout_ms):
         timeout_ms = due
@@ -38,7 +38,8 @@ cdef void run_native(LoopCore *L) noexcept nogil:
 
 
 cdef inline void handle_events(LoopCore *L, int n) noexcept nogil:
-    """The poll's n events, each decoded where the kernel wrote it, then the batch's end."""
+    """The poll's n events, each decoded where the kernel wrote it, then the batch's end.
+    Inline, with the poller's wait and decoder: one frame for the whole wake."""
     cdef kq_poller *p = L.poller
     cdef kq_event ev
     cdef Conn *c
