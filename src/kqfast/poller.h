@@ -37,9 +37,10 @@ int kq_poller_add(kq_poller *p, int fd, int mask);
  *
  * kq_poller_poll applies the queued changes, waits up to timeout_ms (-1: forever) and keeps
  * at most cap of the kernel's events in the poller.  Returns their count (0 on timeout), or
- * -1 with errno set; EINTR is benign: no event was lost.  Wake-ups made before it returns
- * are consumed.  kq_poller_event decodes the i-th of them (0 <= i < that count), valid until
- * the next poll. */
+ * -1 with errno set; EINTR is benign: no event was lost.  Refused changes are events of
+ * their own; a backend that finds them before the kernel does returns them without waiting.
+ * Wake-ups made before it returns are consumed.  kq_poller_event decodes the i-th event
+ * (0 <= i < that count), valid until the next poll. */
 static inline int kq_poller_poll(kq_poller *p, int cap, int timeout_ms);
 static inline kq_event kq_poller_event(const kq_poller *p, int i);
 /* kq_poller_poll, then the caller's events (fd >= 0) copied into out; returns their count. */

@@ -95,11 +95,12 @@ int kq_poller_set(kq_poller *p, int fd, int old_mask, int new_mask) {
 
 int kq_poller_add(kq_poller *p, int fd, int mask) { return kq_poller_set(p, fd, 0, mask); }
 
-/* Applies up to limit queued changes.  A refused one becomes a REFUSED entry at the head of
- * events (the last poll's events are spent by now); returns how many there are. */
-static int apply_changes(kq_poller *p, int limit) {
-    int n = p->nchanges < limit ? p->nchanges : limit, refused = 0;
-    for (int i = 0; i < n; i++) {
+/* Applies the queued changes.  A refused one becomes a REFUSED entry at the head of events
+ * (the last poll's events are spent by now); once cap of them are there, the rest waits for
+ * the next poll.  Returns how many there are. */
+static int apply_changes(kq_poller *p, int cap) {
+    int i, refused = 0;
+    for (i = 0; i < p->nchanges && refused < cap; i++) {
         const struct epoll_change *c = &p->changes[i];
         if (c->new_mask != c->old_mask && ctl(p, EPOLL_CTL_MOD, c->fd, c->new_mask) < 0) {
             struct epoll_event *e = &p->events[refused++];
@@ -107,8 +108,8 @@ static int apply_changes(kq_poller *p, int limit) {
             e->data.u64 = (uint64_t)(uint32_t)errno << 32 | (uint32_t)c->fd;
         }
     }
-    p->nchanges -= n;
-    memmove(p->changes, p->changes + n, (size_t)p->nchanges * sizeof(p->changes[0]));
+    p->nchanges -= i;
+    memmove(p->changes, p->changes + i, (size_t)p->nchanges * sizeof(p->changes[0]));
     return refused;
 }
 
