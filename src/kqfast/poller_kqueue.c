@@ -20,10 +20,13 @@ struct kq_poller {
     int kq;
     pid_t owner;         /* a kqueue is not inherited by fork(): see kq_poller_free */
     volatile int woken;  /* coalesces wake-ups: only the 0 -> 1 transition triggers */
-    int nchanges;
+    int nchanges, nfailed;
     /* Interest changes wait here and reach the kernel inside the kevent() call that waits:
      * one syscall per loop iteration, whatever the number of changes. */
     struct kevent changes[CHANGE_CAP];
+    /* Changes for other fds that failed when a set() flushed the queue early: they are that
+     * fd's errors, reported by the next wait as KQ_ERROR events, not the caller's. */
+    kq_event failed[CHANGE_CAP];
     struct kevent events[KQUEUE_BATCH];
 };
 
@@ -51,15 +54,15 @@ kq_poller *kq_poller_create(void) {
     return p;
 }
 
-/* ENOENT or EBADF can only answer a delete (adds for a closing fd are dropped first), and a
- * filter that is already gone is what a delete wants.  FreeBSD does not echo the change's
- * flags in an EV_ERROR entry, so the errno is all there is to go by. */
+/* ENOENT or EBADF answering a delete: the filter is already gone, which is what a delete
+ * wants.  FreeBSD does not echo the change's flags in an EV_ERROR entry, so the errno is all
+ * there is to go by in a wait's answers (where adds for a closing fd were dropped first). */
 static int is_gone(intptr_t err) { return err == ENOENT || err == EBADF; }
 
 /* Submits the pending changes without draining events: EV_RECEIPT makes the kernel answer
  * every change with an EV_ERROR entry (data 0 on success) instead of stopping at the first
- * failure. */
-static int submit_changes(kq_poller *p) {
+ * failure.  A failure is fd's own (-1, errno) or another fd's (kept for the next wait). */
+static int submit_changes(kq_poller *p, int fd) {
     struct kevent receipts[CHANGE_CAP];
     int n = p->nchanges;
     if (n == 0) return 0;
@@ -68,35 +71,55 @@ static int submit_changes(kq_poller *p) {
     int got = kevent(p->kq, p->changes, n, receipts, n, &zero);
     p->nchanges = 0;
     if (got < 0) return -1;
+    int own_err = 0;
     for (int i = 0; i < got; i++) {
         intptr_t err = receipts[i].data;
-        if ((receipts[i].flags & EV_ERROR) && err != 0 && !is_gone(err)) {
-            errno = (int)err;
-            return -1;
+        /* One receipt per change, in order: here the change itself says whether it was a
+         * delete (an add for an fd closed since it was queued fails with EBADF). */
+        int was_delete = receipts[i].ident == p->changes[i].ident &&
+                         (p->changes[i].flags & EV_DELETE);
+        if (!(receipts[i].flags & EV_ERROR) || err == 0 || (was_delete && is_gone(err)))
+            continue;
+        if ((int)receipts[i].ident == fd) {
+            own_err = (int)err;
+        } else if (p->nfailed < CHANGE_CAP) {
+            kq_event *f = &p->failed[p->nfailed++];
+            f->fd = (int)receipts[i].ident;
+            f->mask = KQ_ERROR;
+            f->err = (int)err;
         }
+    }
+    if (own_err) {
+        errno = own_err;
+        return -1;
     }
     return 0;
 }
 
 static int queue_change(kq_poller *p, int fd, short filter, unsigned short flags) {
-    if (p->nchanges == CHANGE_CAP && submit_changes(p) < 0) return -1;
+    if (p->nchanges == CHANGE_CAP && submit_changes(p, fd) < 0) return -1;
     EV_SET(&p->changes[p->nchanges++], fd, filter, flags, 0, 0, NULL);
     return 0;
 }
 
 int kq_poller_set(kq_poller *p, int fd, int old_mask, int new_mask) {
     if (new_mask == 0) {
-        /* The fd is about to be closed.  Drop its queued changes (an add for a closed fd
-         * would fail later, maybe after the number was reused) and delete its filters now:
-         * libkqueue, unlike the BSD kernels, does not forget an fd when it is closed. */
+        /* The fd is about to be closed.  Drop its queued adds (an add for a closed fd would
+         * fail later, maybe after the number was reused) and delete its filters now:
+         * libkqueue, unlike the BSD kernels, does not forget an fd when it is closed.  Its
+         * queued deletes stay: old_mask no longer names a filter whose removal is still
+         * queued, and libkqueue would keep that filter past the close and treat the next
+         * socket with this number as already registered (never adding it to its epoll set,
+         * so that client would never be read). */
         int kept = 0;
         for (int i = 0; i < p->nchanges; i++)
-            if ((int)p->changes[i].ident != fd || p->changes[i].filter == EVFILT_USER)
+            if ((int)p->changes[i].ident != fd || p->changes[i].filter == EVFILT_USER ||
+                (p->changes[i].flags & EV_DELETE))
                 p->changes[kept++] = p->changes[i];
         p->nchanges = kept;
         if (old_mask & KQ_READABLE) queue_change(p, fd, EVFILT_READ, EV_DELETE);
         if (old_mask & KQ_WRITABLE) queue_change(p, fd, EVFILT_WRITE, EV_DELETE);
-        return submit_changes(p);
+        return submit_changes(p, fd);
     }
     /* The add reaches the kernel only with the next wait, where an EBADF could no longer be
      * told from a delete's: check the fd now, as epoll_ctl would. */
@@ -114,22 +137,27 @@ int kq_poller_set(kq_poller *p, int fd, int old_mask, int new_mask) {
 
 int kq_poller_wait(kq_poller *p, kq_event *out, int cap, int timeout_ms) {
     struct timespec ts, *tsp = NULL;
+    if (cap > KQUEUE_BATCH) cap = KQUEUE_BATCH;
+    /* Failures kept by an early flush come first, and there is no waiting for them. */
+    int count = p->nfailed < cap ? p->nfailed : cap;
+    memcpy(out, p->failed, count * sizeof(*out));
+    p->nfailed -= count;
+    memmove(p->failed, p->failed + count, p->nfailed * sizeof(*p->failed));
+    if (count) timeout_ms = 0;
     if (timeout_ms >= 0) {
         if (timeout_ms > MAX_WAIT_MS) timeout_ms = MAX_WAIT_MS;
         ts.tv_sec = timeout_ms / 1000;
         ts.tv_nsec = (long)(timeout_ms % 1000) * 1000000L;
         tsp = &ts;
     }
-    if (cap > KQUEUE_BATCH) cap = KQUEUE_BATCH;
     /* Never wait with an empty event list: kevent() would return at once. */
-    int n = kevent(p->kq, p->changes, p->nchanges, p->events, cap, tsp);
+    int n = kevent(p->kq, p->changes, p->nchanges, p->events, cap - count, tsp);
     if (n < 0) {
         /* Keep the changes: applying them again is harmless (EV_ADD modifies, a repeated
          * EV_DELETE answers ENOENT). */
         return -1;
     }
     p->nchanges = 0;
-    int count = 0;
     for (int i = 0; i < n; i++) {
         struct kevent *e = &p->events[i];
         /* Test EV_ERROR as a bit: macOS returns it OR-ed with the change's own flags.  Such

@@ -476,6 +476,8 @@ cdef class Reactor:
         self.core.now = kq_monotonic()
         handle_events(&self.core, n)
         self.core.nwatched = 0
+        if self.loop is None:
+            return  # a native server's: nothing for Python
         dispatch(self)
         ready = self.loop._ready
         while ready:

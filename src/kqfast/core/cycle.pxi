@@ -54,8 +54,11 @@ cdef void handle_events(LoopCore *L, int n) noexcept nogil:
             if mask & KQ_WRITABLE and c.kind == K_STREAM and c.mask & KQ_WRITABLE:
                 on_writable(L, fd)
         elif c.kind == K_LISTENER or c.kind == K_INBOX:
-            L.sources[L.nsources] = fd
-            L.nsources += 1
+            if mask & KQ_ERROR:
+                L.n_errors += 1  # a refused change: never readiness
+            else:
+                L.sources[L.nsources] = fd
+                L.nsources += 1
         elif c.kind == K_WATCHED:
             # An error is reported as readiness both ways: the callbacks find it when they
             # read or write, as with the standard library's selectors.
