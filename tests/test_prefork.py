@@ -161,3 +161,14 @@ def test_children_dying_in_a_loop_stop_the_group_with_the_cause(echo_server):
     assert re.match(rf"kqfast-echo: process {victim} killed by SIGKILL: \d+ children died "
                     r"within \d+ s; stopping$", line), reader.seen
     assert len(reader.seen) > 2  # some were replaced before the limit
+
+
+def test_children_stop_when_the_parent_is_killed(echo_server):
+    """A SIGKILLed parent, which cannot stop its children itself, leaves none serving on."""
+    server = echo_server("--processes", "2")
+    children = psutil.Process(server.proc.pid).children()
+    server.proc.kill()
+    server.proc.wait(timeout=10)
+    _, alive = psutil.wait_procs(children, timeout=10)
+    assert not alive, alive
+    assert connect_refused((server.host, server.port))
