@@ -359,8 +359,8 @@ def test_help_shows_every_default():
     result = run_echo("--help")
     assert result.returncode == 0, result.stderr
     # An option's entry: its line "  --name ..." and the more indented lines after it.
-    entries = {match[1]: " ".join(match[0].split())
-               for match in re.finditer(r"^  (?:-\w, )?(--[\w-]+).*(?:\n   .*)*", result.stdout, re.M)}
+    entry = re.compile(r"^  (?:-\w, )?(--[\w-]+).*(?:\n   .*)*", re.M)
+    entries = {match[1]: " ".join(match[0].split()) for match in entry.finditer(result.stdout)}
     assert set(entries) == set(HELP_DEFAULTS) | {"--help", "--version"}, result.stdout
     for option, default in HELP_DEFAULTS.items():
         assert re.search(rf"\(default {re.escape(default)}\b", entries[option]), entries[option]

@@ -107,9 +107,11 @@ def test_a_port_held_by_another_server_is_refused(echo_server, first, second):
 def listening_children(server) -> list[psutil.Process]:
     """The server's child processes that have their listener open on its port."""
     def listens(child: psutil.Process) -> bool:
+        # psutil before 6.0 names it connections()
+        sockets = getattr(child, "net_connections", None) or child.connections
         try:
             return any(c.status == psutil.CONN_LISTEN and c.laddr.port == server.port
-                       for c in child.net_connections("tcp"))
+                       for c in sockets("tcp"))
         except psutil.NoSuchProcess:
             return False
     return [c for c in psutil.Process(server.proc.pid).children() if listens(c)]

@@ -90,17 +90,6 @@ def _bound_socket(host: str, port: int, share: bool) -> socket.socket:
     return sock
 
 
-def describe(status: int) -> str:
-    """How a child ended, from its wait status: "exited with status 1", "killed by SIGKILL"."""
-    code = os.waitstatus_to_exitcode(status)
-    if code >= 0:
-        return f"exited with status {code}"
-    try:
-        return f"killed by {signal.Signals(-code).name}"
-    except ValueError:
-        return f"killed by signal {-code}"
-
-
 class ProcessGroup:
     """N forked children, each running serve_child(ready) -> exit status; ready() says that
     the child listens.  The caller's SIGINT/SIGTERM handlers call stop(); a child has the
@@ -142,7 +131,7 @@ class ProcessGroup:
             return  # stop() ended it: supervise() collects it with the others
         _, status = os.waitpid(pid, 0)
         self.pids.discard(pid)
-        self.failure = f"process {pid} {describe(status)} before it was ready"
+        self.failure = f"process {pid} {_how_it_ended(status)} before it was ready"
         self.stop()
 
     def supervise(self) -> int:
@@ -157,7 +146,7 @@ class ProcessGroup:
             if not self.stopping:
                 self._replace(pid, status)
             elif not _stopped_cleanly(status) and self.failure is None:
-                self.failure = f"process {pid} {describe(status)} while stopping"
+                self.failure = f"process {pid} {_how_it_ended(status)} while stopping"
         os.close(self._parent_alive_r)
         os.close(self._parent_alive_w)
         return 0 if self.failure is None else 1
@@ -165,14 +154,14 @@ class ProcessGroup:
     def _replace(self, pid: int, status: int) -> None:
         now = time.monotonic()
         if len(self._restarts) == RESTART_BURST and now - self._restarts[0] < RESTART_WINDOW:
-            self.failure = (f"process {pid} {describe(status)}: {RESTART_BURST + 1} children "
-                            f"died within {RESTART_WINDOW:g} s; stopping")
+            self.failure = (f"process {pid} {_how_it_ended(status)}: {RESTART_BURST + 1} "
+                            f"children died within {RESTART_WINDOW:g} s; stopping")
             self.stop()
             return
         self._restarts.append(now)
         # Nothing waits for a replacement's readiness: its siblings serve meanwhile.
         new_pid = self._fork(lambda: None, [])
-        self.log(f"process {pid} {describe(status)}; replaced by process {new_pid}")
+        self.log(f"process {pid} {_how_it_ended(status)}; replaced by process {new_pid}")
 
     def stop(self) -> None:
         """Asks every child for a graceful stop (SIGTERM); idempotent, and safe to call from a
@@ -212,6 +201,17 @@ class ProcessGroup:
             code = self.serve_child(ready)
         finally:
             os._exit(code)  # never return into the parent's code
+
+
+def _how_it_ended(status: int) -> str:
+    """How a child ended, from its wait status: "exited with status 1", "killed by SIGKILL"."""
+    code = os.waitstatus_to_exitcode(status)
+    if code >= 0:
+        return f"exited with status {code}"
+    try:
+        return f"killed by {signal.Signals(-code).name}"
+    except ValueError:
+        return f"killed by signal {-code}"
 
 
 def _ready_reporter(ready_w: int) -> Callable[[], None]:
