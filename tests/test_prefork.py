@@ -18,7 +18,6 @@ from support import (
 )
 
 TIME_WAIT = "06"
-LISTEN = "0A"
 REPLACED = re.compile(r"kqfast-echo: process (\d+) killed by SIGKILL; replaced by process (\d+)$")
 
 # One child of two kills itself before it reports ready (whichever reads the pipe's only

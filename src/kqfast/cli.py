@@ -11,9 +11,7 @@ from typing import Callable
 import kqfast
 from kqfast.argtypes import count, host, port, seconds
 from kqfast.echo import EchoProtocol, LineEchoProtocol
-from kqfast.prefork import (
-    ProcessGroup, address_text, check_port_free, reserve_port, resolve,
-)
+from kqfast.prefork import ProcessGroup, address_text, check_port_free, reserve_port, resolve
 from kqfast.server import Server, default_max_connections
 
 # The connection limit's warnings: the counter is read this often, and a line written at most
@@ -203,7 +201,7 @@ def _say(line: str) -> None:
 
 def _fail(exc: OSError) -> int:
     """A runtime failure: one line naming the cause, exit status 1."""
-    _say(f"{exc.strerror or exc}")
+    _say(exc.strerror or str(exc))
     return 1
 
 
