@@ -11,7 +11,8 @@ from typing import Callable
 import kqfast
 from kqfast.argtypes import count, host, port, seconds
 from kqfast.echo import EchoProtocol, LineEchoProtocol
-from kqfast.prefork import ProcessGroup, address_text, check_port_free, reserve_port, resolve
+from kqfast.addresses import address_text
+from kqfast.prefork import ProcessGroup, reserve_port
 from kqfast.server import Server, default_max_connections
 
 # The connection limit's warnings: the counter is read this often, and a line written at most
@@ -63,13 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.processes > 1 and "/" in args.host:
         parser.error("--processes needs a TCP host: Unix sockets cannot share a path")
     try:
-        if "/" not in args.host:
-            resolve(args.host, args.port)
         if args.processes > 1:
             return _serve_processes(args)
-        if args.workers > 1 and "/" not in args.host:
-            # The loops' SO_REUSEPORT listeners would join another server's on this port.
-            check_port_free(args.host, args.port)
         server = _make_server(args, args.port, reuse_port=False)
     except OSError as exc:
         return _fail(exc)
@@ -89,7 +85,7 @@ def _make_server(args, port: int, reuse_port: bool) -> Server:
 
 def _serve(args, server: Server, ready: Callable[[], None], log_shutdown: bool = True) -> int:
     """Serves until SIGINT/SIGTERM, which stop it gracefully; ready() once they would."""
-    _stop_on_signals(_stopper(server, args.shutdown_timeout), log_shutdown)
+    _stop_on_signals(lambda: server.stop(args.shutdown_timeout), log_shutdown)
     ready()
     rejections = _warn_of_rejections(server, args.max_connections or default_max_connections())
     try:
@@ -126,28 +122,6 @@ def _serve_processes(args) -> int:
     status = group.supervise()
     _say(group.failure or "stopped")
     return status
-
-
-def _stopper(server: Server, timeout: float) -> Callable[[], None]:
-    """server.stop(timeout), for a signal handler.  A signal can come between the ready line
-    and serve_forever(), when stop() would release the server unserved: until the loop's
-    first callback says that it serves, a stop only waits for it."""
-    serving = requested = False
-
-    def on_first_callback() -> None:
-        nonlocal serving
-        serving = True
-        if requested:
-            server.stop(timeout)
-
-    def stop() -> None:
-        nonlocal requested
-        requested = True
-        if serving:
-            server.stop(timeout)
-
-    server.call_soon_threadsafe(on_first_callback)
-    return stop
 
 
 def _stop_on_signals(stop: Callable[[], None], log_shutdown: bool) -> None:
