@@ -258,6 +258,26 @@ def test_07_two_loops_calling_stop_from_callbacks_do_not_deadlock():
         assert not thread.is_alive()
 
 
+# ---- 8, 14. ports other servers hold, names that do not resolve (kqfast.Server) ----------
+
+def test_08_workers_refuse_a_port_another_server_holds():
+    """Server(workers=2)'s SO_REUSEPORT listeners would silently join another server's group
+    and take part of its clients: the port is refused instead."""
+    first = kqfast.Server(kqfast.ECHO, port=0, workers=2, balance="reuseport").start()
+    try:
+        with pytest.raises(OSError) as caught:
+            kqfast.Server(kqfast.ECHO, port=first.address[1], workers=2, balance="reuseport")
+        assert caught.value.errno == errno.EADDRINUSE
+        assert str(first.address[1]) in str(caught.value)
+    finally:
+        first.stop()
+
+
+def test_14_a_host_that_does_not_resolve_is_named():
+    with pytest.raises(OSError, match="cannot resolve host 'no-such-host.invalid'"):
+        kqfast.Server(kqfast.ECHO, host="no-such-host.invalid", port=0)
+
+
 # ---- 9. Unix socket files ----------------------------------------------------------------
 
 def test_09_unix_socket_file_goes_with_the_server_and_a_stale_one_is_replaced(tmp_path):
