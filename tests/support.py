@@ -55,6 +55,20 @@ def run_echo(*args: str, timeout: float = 10.0) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=timeout)
 
 
+def run_echo_expecting_exit(*args: str, timeout: float = 10.0) -> subprocess.CompletedProcess:
+    """run_echo for setups that must make kqfast-echo exit; if it prints the ready line
+    instead, it is stopped (SIGTERM, which also ends any children) and the test fails."""
+    proc = subprocess.Popen(echo_command(*args), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = proc.stderr.readline()
+    if READY.search(first):
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=timeout)
+        raise AssertionError(f"kqfast-echo started instead of exiting: {first!r}")
+    out, rest = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, first + rest)
+
+
 def start_echo(*args: str, env: dict | None = None) -> EchoProcess:
     """Starts kqfast-echo on a free port and waits for its ready line on stderr."""
     cmd = echo_command("--port", "0", *args)

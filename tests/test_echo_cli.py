@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 
 import kqfast
+from kqfast.server import default_max_connections
 from support import (
-    connect_refused, connect_to, echo_through, recv_exactly, recv_until_closed, roundtrip,
-    run_echo,
+    LineReader, connect_refused, connect_to, echo_through, recv_exactly, recv_until_closed,
+    roundtrip, run_echo,
 )
 
 READY_LINE = re.compile(
@@ -249,6 +250,25 @@ def test_ipv6_loopback(echo):
         assert roundtrip(client, b"over ipv6\n") == b"over ipv6\n"
 
 
+def test_bracketed_ipv6_host(echo):
+    """--host [::1] (the form URLs use) binds ::1 and the ready line shows [::1]:PORT."""
+    server = echo("--host", "[::1]")
+    assert f"listening on [::1]:{server.port} " in server.ready_line
+    with socket.create_connection(("::1", server.port), timeout=5) as client:
+        assert roundtrip(client, b"bracketed\n") == b"bracketed\n"
+
+
+@pytest.mark.parametrize("extra", [(), ("--workers", "2"), ("--processes", "2")],
+                         ids=["plain", "workers", "processes"])
+def test_unresolvable_host_exits_1_naming_it(handler_kind, extra):
+    """A host name that does not resolve: exit 1, one line that says so and names it."""
+    result = run_echo("--handler", handler_kind, "--host", "no-such-host.invalid", *extra)
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "no-such-host.invalid" in lines[0] and "resolve" in lines[0], lines[0]
+
+
 def test_unix_socket_path(echo):
     """--host /path/x.sock serves on a Unix socket and the ready line names the path."""
     with tempfile.TemporaryDirectory(prefix="kqf", dir="/tmp") as tmp:
@@ -302,6 +322,58 @@ def test_bad_arguments_exit_2_with_usage(handler_kind, args):
     assert result.returncode == 2, result.stderr
     assert "usage: kqfast-echo" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--port", "abc", "--port: 'abc' is not a port number (0-65535)"),
+    ("--port", "70000", "--port: '70000' is not a port number (0-65535)"),
+    ("--port", "", "--port: '' is not a port number (0-65535)"),
+    ("--workers", "two", "--workers: 'two' is not a whole number"),
+    ("--idle-timeout", "soon", "--idle-timeout: 'soon' is not a number of seconds"),
+])
+def test_bad_value_message_says_what_is_expected(option, value, message):
+    """A malformed value is named with what the option expects, not argparse's internals."""
+    result = run_echo(option, value)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert "invalid" not in result.stderr
+
+
+def test_version_prints_the_package_version():
+    """--version prints kqfast-echo and kqfast.__version__, and exits 0."""
+    result = run_echo("--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"kqfast-echo {kqfast.__version__}\n"
+
+
+HELP_DEFAULTS = {
+    "--host": "127.0.0.1", "--port": "8080", "--mode": "line", "--handler": "native",
+    "--workers": "1", "--processes": "1", "--backlog": "1024",
+    "--max-connections": str(default_max_connections()), "--max-line": "65536",
+    "--idle-timeout": "60", "--shutdown-timeout": "5",
+}
+
+
+def test_help_shows_every_default():
+    """--help gives every option's default, and exits 0."""
+    result = run_echo("--help")
+    assert result.returncode == 0, result.stderr
+    # An option's entry: its line "  --name ..." and the more indented lines after it.
+    entry = re.compile(r"^  (?:-\w, )?(--[\w-]+).*(?:\n   .*)*", re.M)
+    entries = {match[1]: " ".join(match[0].split()) for match in entry.finditer(result.stdout)}
+    assert set(entries) == set(HELP_DEFAULTS) | {"--help", "--version"}, result.stdout
+    for option, default in HELP_DEFAULTS.items():
+        assert re.search(rf"\(default {re.escape(default)}\b", entries[option]), entries[option]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_shutdown_is_logged(echo, sig):
+    """The signal that stops the server and the end of the stop each get a stderr line."""
+    server = echo()
+    code, err = server.stop(sig=sig)
+    assert code == 0, err
+    assert err.splitlines() == [f"kqfast-echo: shutting down ({sig.name})",
+                                "kqfast-echo: stopped"]
 
 
 def test_address_in_use_exits_1_with_one_line(handler_kind):
@@ -388,6 +460,38 @@ def test_max_connections_sheds_the_extra_client_at_once(echo):
     finally:
         first.close()
         second.close()
+
+
+def shed(server) -> None:
+    """Connects a client that the server, at its connection limit, closes at once."""
+    try:
+        with server.connect() as client:
+            assert recv_until_closed(client)[0] == b""
+    except ConnectionResetError:
+        pass  # shed before connect() even returned
+
+
+REJECTED = re.compile(r"kqfast-echo: (\d+) new clients? closed at once: over the connection "
+                      r"limit \(--max-connections 1\)")
+
+
+def test_rejected_clients_are_warned_at_most_every_5_s(echo):
+    """Clients closed over --max-connections get a stderr warning soon, with their count;
+    the ones that follow are counted into the next warning, at least 5 s later."""
+    server = echo("--max-connections", "1")
+    reader = LineReader(server.proc.stderr)
+    with server.connect() as kept:
+        assert roundtrip(kept, b"kept\n") == b"kept\n"
+        shed(server)
+        first = REJECTED.fullmatch(reader.expect("kqfast-echo: ", timeout=5))
+        first_seen = time.monotonic()
+        assert first and first[1] == "1", reader.seen
+        for _ in range(3):
+            shed(server)
+        second = REJECTED.fullmatch(reader.expect("kqfast-echo: ", timeout=10))
+        assert second and second[1] == "3", reader.seen
+        assert time.monotonic() - first_seen > 4.5
+        assert roundtrip(kept, b"still served\n") == b"still served\n"
 
 
 # ---- graceful shutdown -----------------------------------------------------------------

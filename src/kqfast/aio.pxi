@@ -3,7 +3,6 @@
 # loop iteration itself.  run_once() is asyncio's BaseEventLoop._run_once, rule for rule
 # (the same on Python 3.9 to 3.13), with the core's I/O pass in the place where asyncio
 # runs the I/O callbacks: after the callbacks already ready, before the timers due.
-import heapq as _heapq
 import selectors as _selectors
 from asyncio import base_events as _aio_base_events
 

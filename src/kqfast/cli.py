@@ -4,46 +4,57 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+import threading
+import time
+from typing import Callable
 
 import kqfast
-from kqfast.argtypes import count, seconds
+from kqfast.argtypes import count, host, port, seconds
 from kqfast.echo import EchoProtocol, LineEchoProtocol
+from kqfast.addresses import address_text
 from kqfast.prefork import ProcessGroup, reserve_port
 from kqfast.server import Server, default_max_connections
 
-
-def _port(text: str) -> int:
-    value = int(text)
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError("must be 0-65535 (0 picks a free port)")
-    return value
+# The connection limit's warnings: the counter is read this often, and a line written at most
+# once per REJECTION_REPORT seconds, so that a flood of clients cannot flood stderr too.
+REJECTION_CHECK = 1.0
+REJECTION_REPORT = 5.0
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="kqfast-echo",
         description="Echo server on kqfast: line mode echoes every line until a blank one.")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address to bind, or a Unix socket path (default 127.0.0.1)")
-    p.add_argument("--port", type=_port, default=8080, help="0 picks a free port (default 8080)")
-    p.add_argument("--mode", choices=("line", "raw"), default="line")
+    p.add_argument("--version", action="version", version=f"%(prog)s {kqfast.__version__}")
+    p.add_argument("--host", type=host, default="127.0.0.1",
+                   help="address or name to bind (IPv6 also as [::1]), or a Unix socket path "
+                        "(default %(default)s)")
+    p.add_argument("--port", type=port, default=8080,
+                   help="0 picks a free port (default %(default)s)")
+    p.add_argument("--mode", choices=("line", "raw"), default="line",
+                   help="line: echo each line, a blank one closes; raw: echo every byte "
+                        "(default %(default)s)")
     p.add_argument("--handler", choices=("native", "python"), default="native",
-                   help="native: in C without the GIL; python: the asyncio.Protocol API")
+                   help="native: in C without the GIL; python: the asyncio.Protocol API "
+                        "(default %(default)s)")
     p.add_argument("--workers", type=count(1), default=1,
-                   help="event loops (threads) in each process")
+                   help="event loops (threads) in each process (default %(default)s)")
     p.add_argument("--processes", type=count(1), default=1,
                    help="pre-forked server processes sharing the port (SO_REUSEPORT): the way "
-                        "to use several cores with --handler python")
-    p.add_argument("--backlog", type=count(1), default=1024)
+                        "to use several cores with --handler python (default %(default)s)")
+    p.add_argument("--backlog", type=count(1), default=1024,
+                   help="length of the queue of clients not yet accepted (default %(default)s)")
     p.add_argument("--max-connections", type=count(1), default=None,
-                   help="over it new clients are closed at once (default: what the fd limit "
-                        f"allows, here {default_max_connections()})")
+                   help="over it new clients are closed at once (default "
+                        f"{default_max_connections()}, what the fd limit allows)")
     p.add_argument("--max-line", type=count(1), default=65536,
-                   help="longest line in bytes; a longer one closes its connection")
+                   help="longest line in bytes; a longer one closes its connection "
+                        "(default %(default)s)")
     p.add_argument("--idle-timeout", type=seconds, default=60.0,
-                   help="close clients silent this long; 0 disables (default 60)")
+                   help="close clients silent this long; 0 disables (default %(default)g)")
     p.add_argument("--shutdown-timeout", type=seconds, default=5.0,
-                   help="on SIGINT/SIGTERM, how long pending output may flush (default 5)")
+                   help="on SIGINT/SIGTERM, how long pending output may flush "
+                        "(default %(default)g)")
     return p
 
 
@@ -52,14 +63,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.processes > 1 and "/" in args.host:
         parser.error("--processes needs a TCP host: Unix sockets cannot share a path")
-    if args.processes > 1:
-        return _serve_processes(args)
     try:
+        if args.processes > 1:
+            return _serve_processes(args)
         server = _make_server(args, args.port, reuse_port=False)
     except OSError as exc:
         return _fail(exc)
-    _announce(args, server.address)
-    return _serve(args, server)
+    return _serve(args, server, lambda: _announce(args, server.address))
 
 
 def _make_server(args, port: int, reuse_port: bool) -> Server:
@@ -73,60 +83,99 @@ def _make_server(args, port: int, reuse_port: bool) -> Server:
                   max_line=args.max_line, reuse_port=reuse_port)
 
 
-def _serve(args, server: Server) -> int:
-    """Serves until SIGINT/SIGTERM, which stop it gracefully."""
-    def shut_down(signum, frame):
-        server.stop(args.shutdown_timeout)
-
-    signal.signal(signal.SIGINT, shut_down)
-    signal.signal(signal.SIGTERM, shut_down)
+def _serve(args, server: Server, ready: Callable[[], None], log_shutdown: bool = True) -> int:
+    """Serves until SIGINT/SIGTERM, which stop it gracefully; ready() once they would."""
+    _stop_on_signals(lambda: server.stop(args.shutdown_timeout), log_shutdown)
+    ready()
+    rejections = _warn_of_rejections(server, args.max_connections or default_max_connections())
     try:
         server.serve_forever()
     except OSError as exc:
         return _fail(exc)
+    finally:
+        rejections.set()
+    if log_shutdown:
+        _say("stopped")
     return 0
 
 
 def _serve_processes(args) -> int:
-    try:
-        holder, port = reserve_port(args.host, args.port)
-    except OSError as exc:
-        return _fail(exc)
+    holder, port = reserve_port(args.host, args.port)
+    address = holder.getsockname()[:2]
 
     def serve_child(ready) -> int:
+        holder.close()  # the parent's reservation, not this child's
         try:
             server = _make_server(args, port, reuse_port=True)
         except OSError as exc:
             return _fail(exc)
-        ready()
-        return _serve(args, server)
+        # The parent says when the group shuts down, once for all of its children.
+        return _serve(args, server, ready, log_shutdown=False)
 
-    group = ProcessGroup(args.processes, serve_child)
-    if not group.start():
-        group.terminate()
-        group.wait()
+    group = ProcessGroup(args.processes, serve_child, _say)
+    _stop_on_signals(group.stop, log_shutdown=True)
+    try:
+        if group.start():
+            _announce(args, address)
+    finally:
         holder.close()
-        return 1
-    holder.close()
-    _announce(args, (args.host, port))
-    return group.wait()
+    status = group.supervise()
+    _say(group.failure or "stopped")
+    return status
+
+
+def _stop_on_signals(stop: Callable[[], None], log_shutdown: bool) -> None:
+    """SIGINT and SIGTERM call stop() (idempotent); the first one also gets a line."""
+    stopping = False
+
+    def handle(signum, frame) -> None:
+        nonlocal stopping
+        if log_shutdown and not stopping:
+            _say(f"shutting down ({signal.Signals(signum).name})")
+        stopping = True
+        stop()
+
+    signal.signal(signal.SIGINT, handle)
+    signal.signal(signal.SIGTERM, handle)
+
+
+def _warn_of_rejections(server: Server, limit: int) -> threading.Event:
+    """Starts a thread that warns on stderr while the connection limit closes new clients at
+    once: within REJECTION_CHECK seconds of the first, then at most one line every
+    REJECTION_REPORT seconds, with the count since the last line.  (The native loops run in
+    C, with no timers of the CLI's.)  Setting the returned event ends the thread."""
+    done = threading.Event()
+
+    def watch() -> None:
+        reported, last_line = 0, -float("inf")
+        while not done.wait(REJECTION_CHECK):
+            rejected = server.stats()["connections_rejected"]
+            now = time.monotonic()
+            if rejected > reported and now - last_line >= REJECTION_REPORT:
+                new = rejected - reported
+                _say(f"{new} new client{'s' if new != 1 else ''} closed at once: over the "
+                     f"connection limit (--max-connections {limit})")
+                reported, last_line = rejected, now
+
+    threading.Thread(target=watch, name="kqfast-echo-rejections", daemon=True).start()
+    return done
 
 
 def _announce(args, address) -> None:
     """The ready line: tests and scripts wait for it on stderr."""
-    if isinstance(address, str):
-        where = address
-    else:
-        host, port = address
-        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    where = address if isinstance(address, str) else address_text(*address)
     processes = f", processes={args.processes}" if args.processes > 1 else ""
-    print(f"kqfast-echo: listening on {where} (backend={kqfast.BACKEND}, handler={args.handler},"
-          f" mode={args.mode}, workers={args.workers}{processes})", file=sys.stderr, flush=True)
+    _say(f"listening on {where} (backend={kqfast.BACKEND}, handler={args.handler},"
+         f" mode={args.mode}, workers={args.workers}{processes})")
+
+
+def _say(line: str) -> None:
+    print(f"kqfast-echo: {line}", file=sys.stderr, flush=True)
 
 
 def _fail(exc: OSError) -> int:
     """A runtime failure: one line naming the cause, exit status 1."""
-    print(f"kqfast-echo: {exc.strerror or exc}", file=sys.stderr)
+    _say(exc.strerror or str(exc))
     return 1
 
 

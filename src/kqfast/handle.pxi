@@ -22,6 +22,16 @@ cdef int _LOG_THRESHOLD_FOR_CONNLOST_WRITES = 5
 _aio_log = _logging.getLogger("asyncio")
 
 
+cdef object _protocol_method(protocol, str name):
+    """protocol's method name as a function of two arguments (protocol, data): the class's
+    own, so no bound method is kept per stream; a method set on the instance is bound."""
+    bound = getattr(protocol, name, None)
+    function = getattr(type(protocol), name, None)
+    if getattr(bound, "__func__", None) is function and function is not None:
+        return function
+    return lambda _, data: bound(data)
+
+
 cdef object _errno_exception(int err):
     return OSError(err, _os.strerror(err))
 
@@ -40,22 +50,22 @@ cdef class StreamHandle:
     cdef Reactor reactor
     cdef int fd
     cdef uint32_t gen
-    cdef object loop
     cdef object protocol
-    cdef object data_received       # the protocol's, looked up once (as uvloop does)
+    cdef object data_received       # its class's function, looked up once (as uvloop does)
     cdef object transport           # the Transport protocols see; None once the stream ended
     cdef object server              # the asyncio Server that accepted it, if any
     cdef object sock                # a socket object over fd, made when first asked for
-    cdef dict extra
-    cdef size_t high_water, low_water
-    cdef bint closing               # close() was called or the stream failed
-    cdef bint ended                 # the fd is no longer this stream's
-    cdef bint eof_written
-    cdef bint protocol_connected
-    cdef bint protocol_paused
-    cdef int lost_writes
+    cdef dict extra                 # made when there is something in it
     cdef bytearray held             # input read before pause_reading() took effect
-    cdef bint held_eof
+    cdef size_t high_water, low_water
+    cdef int lost_writes
+    # Flags, a byte each: the handle is one object per stream, its size is idle memory.
+    cdef uint8_t closing            # close() was called or the stream failed
+    cdef uint8_t ended              # the fd is no longer this stream's
+    cdef uint8_t eof_written
+    cdef uint8_t protocol_connected
+    cdef uint8_t protocol_paused
+    cdef uint8_t held_eof
 
     cdef inline Conn *conn(self) noexcept:
         """The stream while it is this handle's; NULL once it ended (a closed stream may
@@ -82,7 +92,7 @@ cdef class StreamHandle:
         cdef Conn *c = self.conn()
         self.protocol = protocol
         self.protocol_connected = True
-        self.data_received = getattr(protocol, "data_received", None)
+        self.data_received = _protocol_method(protocol, "data_received")
         if c is not NULL:
             c.flags &= ~(C_LINE | C_BUFFERED)
             if isinstance(protocol, _BufferedProtocol):
@@ -232,7 +242,7 @@ cdef class StreamHandle:
         c.flags &= ~C_READ_PAUSED
         if self.held is not None:
             # What was read before the pause goes first: reading resumes once it is out.
-            self.loop.call_soon(self.deliver_held)
+            self.reactor.loop.call_soon(self.deliver_held)
         else:
             self.start_reading()
 
@@ -272,7 +282,7 @@ cdef class StreamHandle:
             elif c.flags & C_BUFFERED:
                 _feed_buffered(self.protocol, PyBytes_FromStringAndSize(data, n))
             else:
-                self.data_received(PyBytes_FromStringAndSize(data, n))
+                self.data_received(self.protocol, PyBytes_FromStringAndSize(data, n))
         except (SystemExit, KeyboardInterrupt):
             raise
         except BaseException as exc:
@@ -398,7 +408,7 @@ cdef class StreamHandle:
             timer_push(&self.reactor.core, self.fd, T_CLOSING)  # the linger covers the flush
         if c.out is NULL:
             self.end(True, False)
-            self.loop.call_soon(self.call_connection_lost, None)
+            self.reactor.loop.call_soon(self.call_connection_lost, None)
         elif set_mask(&self.reactor.core, self.fd, KQ_WRITABLE) < 0:
             self.force_close(_errno_exception(errno), True)
 
@@ -415,7 +425,7 @@ cdef class StreamHandle:
         self.force_close(exc, self.served())
 
     cdef report(self, exc, message):
-        self.loop.call_exception_handler({"message": message, "exception": exc,
+        self.reactor.loop.call_exception_handler({"message": message, "exception": exc,
                                           "transport": self.transport,
                                           "protocol": self.protocol})
 
@@ -429,7 +439,7 @@ cdef class StreamHandle:
             exc = _errno_exception(c.error)
         self.closing = True
         self.end(False, reset)
-        self.loop.call_soon(self.call_connection_lost, exc)
+        self.reactor.loop.call_soon(self.call_connection_lost, exc)
 
     cdef end(self, bint graceful, bint reset):
         """The fd stops being this stream's: closed, or for kqfast.Server's streams closed
@@ -478,6 +488,8 @@ cdef class StreamHandle:
         if name == "socket":
             sock = self.socket_object()
             return None if sock is None else _trsock.TransportSocket(sock)
+        if self.extra is None:
+            self.extra = {}
         if name in ("sockname", "peername"):
             if name not in self.extra:
                 sock = self.socket_object()

@@ -6,6 +6,7 @@
 # it as Handle._run() would.  Debug mode keeps the standard library's path (it records where
 # each handle was made).
 import contextvars as _contextvars
+import heapq as _heapq
 from asyncio import format_helpers as _aio_format_helpers
 
 from cpython.object cimport PyTypeObject
@@ -20,7 +21,10 @@ cdef extern from "Python.h":
         PyMemberDef *d_member
 
 cdef object _Handle = _asyncio.Handle
+cdef object _TimerHandle = _asyncio.TimerHandle
+cdef object _Task = _asyncio.Task
 cdef object _copy_context = _contextvars.copy_context
+cdef object _heappush = _heapq.heappush
 cdef object _format_callback_source = _aio_format_helpers._format_callback_source
 
 
@@ -39,6 +43,8 @@ cdef Py_ssize_t H_LOOP = slot_offset(_Handle, "_loop")
 cdef Py_ssize_t H_SOURCE_TRACEBACK = slot_offset(_Handle, "_source_traceback")
 cdef Py_ssize_t H_REPR = slot_offset(_Handle, "_repr")
 cdef Py_ssize_t H_CONTEXT = slot_offset(_Handle, "_context")
+cdef Py_ssize_t T_WHEN = slot_offset(_TimerHandle, "_when")
+cdef Py_ssize_t T_SCHEDULED = slot_offset(_TimerHandle, "_scheduled")
 
 
 cdef inline PyObject *slot_get(obj, Py_ssize_t offset) noexcept:
@@ -54,11 +60,11 @@ cdef inline void slot_set(obj, Py_ssize_t offset, value) noexcept:
     Py_XDECREF(old)
 
 
-cdef object new_handle_for(callback, tuple args, loop, context):
-    """asyncio.Handle(callback, args, loop, context), as its __init__ makes it outside debug
-    mode."""
+cdef object new_handle_for(callback, tuple args, loop, context, cls=_Handle):
+    """asyncio.Handle(callback, args, loop, context) (or a TimerHandle's Handle part), as its
+    __init__ makes it outside debug mode."""
     # Handle is a Python class: PyType_GenericAlloc is its tp_alloc (zeroed, GC-tracked).
-    cdef object handle = <object>PyType_GenericAlloc(<PyTypeObject *>_Handle, 0)
+    cdef object handle = <object>PyType_GenericAlloc(<PyTypeObject *>cls, 0)
     Py_DECREF(handle)  # the allocation's reference, now held by the variable
     slot_set(handle, H_CONTEXT, _copy_context() if context is None else context)
     slot_set(handle, H_LOOP, loop)
@@ -80,6 +86,40 @@ def call_soon(self, callback, *args, context=None):
     handle = new_handle_for(callback, args, self, context)
     R.ready.append(handle)
     return handle
+
+
+def call_at(self, when, callback, *args, context=None):
+    """kqfast.Loop.call_at: asyncio's, with the TimerHandle made in C."""
+    cdef Reactor R = self._reactor
+    if R.debug:
+        return _BaseEventLoop.call_at(self, when, callback, *args, context=context)
+    if when is None:
+        raise TypeError("when cannot be None")
+    if R.closed:
+        raise RuntimeError("Event loop is closed")
+    timer = new_handle_for(callback, args, self, context, _TimerHandle)
+    slot_set(timer, T_WHEN, when)
+    slot_set(timer, T_SCHEDULED, True)
+    _heappush(self._scheduled, timer)
+    return timer
+
+
+def call_later(self, delay, callback, *args, context=None):
+    """kqfast.Loop.call_later: call_at() on the loop's clock."""
+    if delay is None:
+        raise TypeError("delay must not be None")
+    return call_at(self, kq_monotonic() + delay, callback, *args, context=context)
+
+
+def create_task(self, coro, *, name=None, **context):
+    """kqfast.Loop.create_task: asyncio's; without a task factory, the Task is made here.
+    context: what this Python's create_task takes (3.11+)."""
+    cdef Reactor R = self._reactor
+    if R.debug or self._task_factory is not None:
+        return _BaseEventLoop.create_task(self, coro, name=name, **context)
+    if R.closed:
+        raise RuntimeError("Event loop is closed")
+    return _Task(coro, loop=self, name=name, **context)
 
 
 cdef run_handle(handle):

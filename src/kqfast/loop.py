@@ -27,11 +27,14 @@ class Loop(asyncio.SelectorEventLoop):
         super().__init__(_core.KqSelector(self._reactor))
         self._reactor.attach(self)
 
-    # In C: the iteration (asyncio's _run_once plus the core's pass), call_soon (the Handle
-    # made directly) and create_future.
+    # In C: the iteration (asyncio's _run_once plus the core's pass), the handles of
+    # call_soon, call_at and call_later (made directly), create_future and create_task.
     _run_once = _core.run_once
     call_soon = _core.call_soon
+    call_at = _core.call_at
+    call_later = _core.call_later
     create_future = _core.create_future
+    create_task = _core.create_task
 
     def set_debug(self, enabled: bool) -> None:
         super().set_debug(enabled)

@@ -49,8 +49,13 @@ static inline double kq_monotonic(void) {
     return (double)ts.tv_sec + ts.tv_nsec / 1e9;
 }
 
-/* The call may be retried later: nothing is wrong with the socket. */
+/* The call may be retried later: nothing is wrong with the socket.  macOS's loopback
+ * answers a send with ENOBUFS when its mbufs run short under load: a full buffer, not a
+ * failed connection (the write is retried when the socket is next writable). */
 static inline int kq_retry_later(int err) {
+#ifdef __APPLE__
+    if (err == ENOBUFS) return 1;
+#endif
     return err == EAGAIN || err == EWOULDBLOCK || err == EINTR;
 }
 

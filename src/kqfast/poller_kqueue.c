@@ -24,10 +24,13 @@ struct kq_poller {
     int kq;
     pid_t owner;         /* a kqueue is not inherited by fork(): see kq_poller_free */
     volatile int woken;  /* coalesces wake-ups: only the 0 -> 1 transition triggers */
-    int nchanges;
+    int nchanges, nfailed;
     /* Interest changes wait here and reach the kernel inside the kevent() call that waits:
      * one syscall per loop iteration, whatever the number of changes. */
     struct kevent changes[CHANGE_CAP];
+    /* Receipts of other fds' changes that failed when a full queue was applied early: they
+     * are those fds' errors, not the caller's, and the next poll reports them as events. */
+    struct kevent failed[CHANGE_CAP];
     struct kevent events[KQUEUE_BATCH];
 };
 
@@ -61,25 +64,33 @@ static int is_gone(const struct kevent *e) {
 }
 
 /* Applies changes at once: EV_RECEIPT makes the kernel answer every change with an EV_ERROR
- * entry (data 0 on success) instead of stopping at the first failure. */
-static int apply_now(kq_poller *p, struct kevent *changes, int n) {
+ * entry (data 0 on success) instead of stopping at the first failure.  A refusal is fd's
+ * own (-1, errno) or another fd's (kept for the next poll). */
+static int apply_now(kq_poller *p, struct kevent *changes, int n, int fd) {
     struct kevent receipts[CHANGE_CAP];
     struct timespec zero = {0, 0};
     for (int i = 0; i < n; i++) changes[i].flags |= EV_RECEIPT;
     int got = kevent(p->kq, changes, n, receipts, n, &zero);
     if (got < 0) return -1;
+    int own_err = 0;
     for (int i = 0; i < got; i++) {
-        if ((receipts[i].flags & EV_ERROR) && receipts[i].data != 0 && !is_gone(&receipts[i])) {
-            errno = (int)receipts[i].data;
-            return -1;
-        }
+        if (!(receipts[i].flags & EV_ERROR) || receipts[i].data == 0 || is_gone(&receipts[i]))
+            continue;
+        if ((int)receipts[i].ident == fd)
+            own_err = (int)receipts[i].data;
+        else if (p->nfailed < CHANGE_CAP)
+            p->failed[p->nfailed++] = receipts[i];
+    }
+    if (own_err) {
+        errno = own_err;
+        return -1;
     }
     return 0;
 }
 
 static int queue_change(kq_poller *p, int fd, short filter, unsigned short flags) {
     if (p->nchanges == CHANGE_CAP) {
-        int failed = apply_now(p, p->changes, p->nchanges);
+        int failed = apply_now(p, p->changes, p->nchanges, fd);
         p->nchanges = 0;
         if (failed < 0) return -1;
     }
@@ -117,7 +128,7 @@ static int remove_now(kq_poller *p, int fd, int mask) {
     p->nchanges = kept;
     if (mask & KQ_READABLE) EV_SET(&deletes[n++], fd, EVFILT_READ, EV_DELETE, 0, 0, DELETE_TAG);
     if (mask & KQ_WRITABLE) EV_SET(&deletes[n++], fd, EVFILT_WRITE, EV_DELETE, 0, 0, DELETE_TAG);
-    return n ? apply_now(p, deletes, n) : 0;
+    return n ? apply_now(p, deletes, n, fd) : 0;
 }
 
 int kq_poller_set(kq_poller *p, int fd, int old_mask, int new_mask) {
@@ -141,14 +152,26 @@ static inline int kq_poller_poll(kq_poller *p, int cap, int timeout_ms) {
         tsp = &ts;
     }
     if (cap > KQUEUE_BATCH) cap = KQUEUE_BATCH;
+    /* Refusals kept by an early apply come first, and there is no waiting for them; with
+     * no room left for the kernel's answers, the queued changes wait for the next poll. */
+    int kept = p->nfailed < cap ? p->nfailed : cap;
+    if (kept) {
+        memcpy(p->events, p->failed, kept * sizeof(*p->failed));
+        p->nfailed -= kept;
+        memmove(p->failed, p->failed + kept, p->nfailed * sizeof(*p->failed));
+        if (kept == cap) return kept;
+        ts.tv_sec = ts.tv_nsec = 0;
+        tsp = &ts;
+    }
     /* Never wait with an empty event list: kevent() would return at once. */
-    int n = kevent(p->kq, p->changes, p->nchanges, p->events, cap, tsp);
+    int n = kevent(p->kq, p->changes, p->nchanges, p->events + kept, cap - kept, tsp);
     if (n < 0) {
         /* Keep the changes: applying them again is harmless (EV_ADD modifies, a repeated
          * EV_DELETE answers ENOENT). */
-        return -1;
+        return kept ? kept : -1;
     }
     p->nchanges = 0;
+    n += kept;
     /* EV_CLEAR consumes a trigger when it is reported.  A wake() that found the flag set
      * skipped its trigger: the one that set it triggered (or is about to) and ends this
      * wait or the next, and the loop checks for work after every wait; so the flag may be

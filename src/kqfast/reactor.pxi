@@ -476,6 +476,8 @@ cdef class Reactor:
             handle_event(&self.core, ev)
         end_batch(&self.core)
         self.core.nwatched = 0
+        if self.loop is None:
+            return  # a native server's: nothing for Python
         dispatch(self)
         ready = self.loop._ready
         while ready:

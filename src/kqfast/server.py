@@ -15,6 +15,7 @@ import sys
 import threading
 
 from kqfast._core import ECHO, LINE_ECHO, Reactor, Source, _listen_fd
+from kqfast.addresses import check_port_free, resolve
 from kqfast.loop import Loop
 
 _log = logging.getLogger("kqfast")
@@ -89,7 +90,7 @@ class Server:
         self._threads: list[threading.Thread] = []
         self._handler_errors = 0
         self._failure: BaseException | None = None
-        self._started = False
+        self._started = self._stopped = False
         self._serving: set[int] = set()   # idents of the threads running a loop now
         self._unix_path = host if "/" in host else None
         self._unix_inode: int | None = None
@@ -98,6 +99,11 @@ class Server:
         per_loop_listener = balance == "reuseport"
         share_port = reuse_port or (workers > 1 and per_loop_listener)
         factory = None if native else handler
+        if self._unix_path is None:
+            resolve(host, port)  # a name that does not resolve says so
+            if share_port and not reuse_port:
+                # The loops' SO_REUSEPORT listeners would join another server's on this port.
+                check_port_free(host, port)
         try:
             for i in range(workers):
                 reactor = self._new_reactor(handler, limits)
@@ -141,12 +147,21 @@ class Server:
     def serve_forever(self) -> None:
         """Serves in this thread (and one more thread per extra worker) until stop().
         Ctrl-C stops cleanly, then raises KeyboardInterrupt; so does a handler's
-        KeyboardInterrupt or SystemExit, on any loop."""
-        self._check_not_started()
-        self._spawn(range(1, len(self._reactors)))
+        KeyboardInterrupt or SystemExit, on any loop.  After stop() it returns at once."""
+        if self._stopped:
+            return
+        # This thread serves from now on: a stop() from its signal handlers only asks.
+        self._serving.add(threading.get_ident())
         try:
+            self._check_not_started()
+        except RuntimeError:
+            self._serving.discard(threading.get_ident())
+            raise
+        try:
+            self._spawn(range(1, len(self._reactors)))
             self._serve(0)
         finally:
+            self._serving.discard(threading.get_ident())
             self._stop_loops(0.0)
             for thread in self._threads:
                 thread.join()
@@ -155,7 +170,10 @@ class Server:
             raise self._failure
 
     def start(self) -> "Server":
-        """Serves from background threads; returns at once, already listening."""
+        """Serves from background threads; returns at once, already listening (after stop(),
+        it serves nothing)."""
+        if self._stopped:
+            return self
         self._check_not_started()
         self._spawn(range(len(self._reactors)))
         return self
@@ -166,6 +184,7 @@ class Server:
         handler) it only asks; elsewhere it also waits for the loops to finish."""
         timeout = _seconds("timeout", timeout)
         if not self._started:
+            self._stopped = True  # so serve_forever(), should it come, returns at once
             self._release()
             return
         self._stop_loops(timeout)

@@ -70,11 +70,11 @@ class Transport(_aio_transports._FlowControlMixin):
     # _FlowControlMixin's state, read from the stream (its slots stay unused).
     @property
     def _loop(self):
-        return handle_of(self).loop
+        return handle_of(self).reactor.loop
 
     @property
     def _protocol_paused(self):
-        return handle_of(self).protocol_paused
+        return bool(handle_of(self).protocol_paused)
 
     @property
     def _high_water(self):
@@ -85,7 +85,7 @@ class Transport(_aio_transports._FlowControlMixin):
         return handle_of(self).low_water
 
     def is_closing(self):
-        return handle_of(self).closing
+        return bool(handle_of(self).closing)
 
     def get_protocol(self):
         return handle_of(self).protocol
@@ -125,8 +125,7 @@ cdef StreamHandle new_handle(Reactor R, int fd, protocol, server, dict extra):
     """The handle of a stream just entered in the table, owned by the table from now on."""
     cdef Conn *c = &R.core.conns[fd]
     cdef StreamHandle h = StreamHandle.__new__(StreamHandle)
-    h.reactor, h.fd, h.gen, h.loop, h.server = R, fd, c.gen, R.loop, server
-    h.extra = extra if extra is not None else {}
+    h.reactor, h.fd, h.gen, h.server, h.extra = R, fd, c.gen, server, extra
     h.high_water, h.low_water = R.core.high_water, R.core.low_water
     c.low_water = <uint32_t>min(h.low_water, 0xFFFFFFFF)
     Py_INCREF(h)

@@ -3,12 +3,17 @@ client sockets, readiness for data and EOF alike, errors contained, Ctrl-C and a
 stop()."""
 from __future__ import annotations
 
+import errno
 import logging
 import signal
 import socket
 import threading
+import time
 
 from kqfast._core import READABLE, Poller, Socket
+
+
+_ACCEPT_BACKOFF = 0.1  # seconds accepting rests at the fd limit
 
 
 class EventLoop:
@@ -20,6 +25,7 @@ class EventLoop:
         self._poller.set(sock.fileno(), 0, READABLE)
         self._clients: dict[int, Socket] = {}
         self._stopping = False
+        self._resume_accepting_at: float | None = None
 
     def handle(self, handler) -> None:
         """Blocks until stop().  conn.read(n) returns what is there and b"" at EOF; a client
@@ -28,7 +34,7 @@ class EventLoop:
         wakeup = self._watch_signals()
         try:
             while not self._stopping:
-                for fd, _mask, _err in self._poller.wait(None):
+                for fd, _mask, _err in self._poller.wait(self._accept_pause_left()):
                     if fd == self._sock.fileno():
                         self._accept()
                     elif wakeup is not None and fd == wakeup[0].fileno():
@@ -48,10 +54,34 @@ class EventLoop:
         self._poller.wake()
 
     def _accept(self) -> None:
-        while (conn := self._sock.accept()) is not None:
+        while True:
+            try:
+                conn = self._sock.accept()
+            except OSError as exc:
+                if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    raise
+                # Out of fds: the listener stays readable, and a level-triggered loop would
+                # spin on it.  New clients wait in the backlog until fds are free again.
+                self._poller.set(self._sock.fileno(), READABLE, 0)
+                self._resume_accepting_at = time.monotonic() + _ACCEPT_BACKOFF
+                return
+            if conn is None:
+                return
             conn._owner = self
             self._clients[conn.fileno()] = conn
             self._poller.set(conn.fileno(), 0, READABLE)
+
+    def _accept_pause_left(self) -> float | None:
+        """The wait's timeout: None, or what is left of a pause at the fd limit (after which
+        accepting resumes)."""
+        if self._resume_accepting_at is None:
+            return None
+        left = self._resume_accepting_at - time.monotonic()
+        if left > 0:
+            return left
+        self._resume_accepting_at = None
+        self._poller.set(self._sock.fileno(), 0, READABLE)
+        return 0
 
     def _serve(self, handler, conn: Socket) -> None:
         try:

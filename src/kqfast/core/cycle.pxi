@@ -42,7 +42,6 @@ cdef inline void handle_events(LoopCore *L, int n) noexcept nogil:
     Inline, with the poller's wait and decoder: one frame for the whole wake."""
     cdef kq_poller *p = L.poller
     cdef kq_event ev
-    cdef Conn *c
     cdef int i
     for i in range(n):
         ev = kq_poller_event(p, i)
@@ -100,8 +99,11 @@ cdef void on_entry_event(LoopCore *L, kq_event ev) noexcept nogil:
     dropped."""
     cdef Conn *c = &L.conns[ev.fd]
     if c.kind == K_LISTENER or c.kind == K_INBOX:
-        L.sources[L.nsources] = ev.fd
-        L.nsources += 1
+        if ev.mask & KQ_ERROR:
+            L.n_errors += 1  # a refused change: never readiness
+        else:
+            L.sources[L.nsources] = ev.fd
+            L.nsources += 1
     elif c.kind == K_WATCHED:
         # An error is reported as readiness both ways: the callbacks find it when they
         # read or write, as with the standard library's selectors.
