@@ -337,7 +337,7 @@ cdef class StreamHandle:
             self.fatal_error(exc, "Fatal error: protocol.get_buffer() call failed.")
             return
         PyObject_GetBuffer(buf, &view, PyBUF_WRITABLE)
-        n = recv(self.fd, view.buf, view.len, 0)
+        n = kq_recv(self.fd, view.buf, view.len)
         PyBuffer_Release(&view)
         if n > 0:
             self.reactor.core.bytes_in += n

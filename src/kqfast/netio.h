@@ -9,6 +9,8 @@
 #include <sys/types.h>
 #include <time.h>
 
+#include "rawsys.h"
+
 /* Creates a non-blocking, close-on-exec listening socket.  host is an IPv4 or IPv6 literal,
  * a name to resolve, or (when it contains a '/') a Unix socket path.  Returns the fd, or -1
  * with errno set (for a failed name lookup errno is EADDRNOTAVAIL).  *family gets the
@@ -25,10 +27,20 @@ int kq_socket_error(int fd);
 int kq_accept(int listen_fd);
 /* TCP_NODELAY for TCP, SO_NOSIGPIPE where it exists. */
 int kq_prepare_accepted(int fd, int is_tcp);
-/* send() that never raises SIGPIPE, whatever Python's SIGPIPE disposition is.  Inline: it is
- * on every request's path. */
+/* The hot path's recv() and send(), without libc's cancellation points on Linux (see
+ * rawsys.h).  send() never raises SIGPIPE, whatever Python's SIGPIPE disposition is
+ * (MSG_NOSIGNAL, or SO_NOSIGPIPE set on the socket where there is no such flag). */
+static inline ssize_t kq_recv(int fd, void *buf, size_t n) {
+#ifdef __linux__
+    return kq_sys6(SYS_recvfrom, fd, (long)buf, (long)n, 0, 0, 0);
+#else
+    return recv(fd, buf, n, 0);
+#endif
+}
 static inline ssize_t kq_send(int fd, const void *buf, size_t n) {
-#ifdef MSG_NOSIGNAL
+#ifdef __linux__
+    return kq_sys6(SYS_sendto, fd, (long)buf, (long)n, MSG_NOSIGNAL, 0, 0);
+#elif defined(MSG_NOSIGNAL)
     return send(fd, buf, n, MSG_NOSIGNAL);
 #else
     return send(fd, buf, n, 0);

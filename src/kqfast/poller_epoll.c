@@ -1,5 +1,6 @@
 /* epoll backend (Linux).  Included by poller.c only. */
 #include "poller.h"
+#include "rawsys.h"
 
 #include <errno.h>
 #include <stdint.h>
@@ -118,7 +119,8 @@ static inline int kq_poller_poll(kq_poller *p, int cap, int timeout_ms) {
     /* Refusals are this poll's events: waiting first would only delay them. */
     int refused = p->nchanges ? apply_changes(p, cap) : 0;
     if (refused) return refused;
-    int n = epoll_wait(p->epfd, p->events, cap, timeout_ms);
+    /* Not libc's epoll_wait (see rawsys.h); with no sigmask, epoll_pwait is epoll_wait. */
+    int n = (int)kq_sys6(SYS_epoll_pwait, p->epfd, (long)p->events, cap, timeout_ms, 0, 8);
     /* A wake() that found the flag set skipped its write: the one that set it wrote (or is
      * about to write) an edge that ends this wait or the next, and the loop checks for work
      * after every wait.  So the flag may be cleared whether or not that edge came in. */

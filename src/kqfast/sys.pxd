@@ -31,6 +31,7 @@ cdef extern from "poller.c" nogil:
 cdef extern from "netio.h" nogil:
     # Thin portability layer over accept4/MSG_NOSIGNAL/SO_NOSIGPIPE (see netio.h).
     int kq_accept(int listen_fd)
+    ssize_t kq_recv(int fd, void *buf, size_t n)
     ssize_t kq_send(int fd, const void *buf, size_t n)
     int kq_prepare_accepted(int fd, int is_tcp)
     int kq_listen(const char *host, int port, int backlog, int reuse_port, int *family)

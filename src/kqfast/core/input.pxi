@@ -16,7 +16,7 @@ cdef void on_readable(LoopCore *L, int fd, int hangup_err) noexcept nogil:
         c.error = hangup_err
     if c.flags & C_LINGER:
         # Discard what the peer still sends until it closes; its data has no reader.
-        n = recv(fd, L.rbuf, READ_CHUNK, 0)
+        n = kq_recv(fd, L.rbuf, READ_CHUNK)
         if n == 0 or (n < 0 and not kq_retry_later(errno)):
             close_now(L, fd, False)
         return
@@ -35,7 +35,7 @@ cdef void on_readable(LoopCore *L, int fd, int hangup_err) noexcept nogil:
     room = ARENA_SIZE - L.arena_used
     if room > READ_CHUNK:
         room = READ_CHUNK
-    n = recv(fd, L.arena + L.arena_used, room, 0)
+    n = kq_recv(fd, L.arena + L.arena_used, room)
     if n > 0:
         L.bytes_in += n
         touch(L, fd)
@@ -49,7 +49,7 @@ cdef inline void read_native(LoopCore *L, Conn *c, int fd) noexcept nogil:
     """One read into the loop's buffer, for the native handler to echo from.  c: fd's entry
     (passed along the hot path: after each call into libc it would be looked up again), on
     the idle list or on none: no native stream is on another before it closes."""
-    cdef ssize_t n = recv(fd, L.rbuf, READ_CHUNK, 0)
+    cdef ssize_t n = kq_recv(fd, L.rbuf, READ_CHUNK)
     if n > 0:
         L.bytes_in += n
         touch_idle(L, c, fd)
