@@ -19,7 +19,8 @@ import pytest
 
 import kqfast
 from support import (
-    connect_to, cpu_seconds, recv_exactly, recv_until_closed, roundtrip, server_fd, wait_until,
+    connect_to, cpu_seconds, recv_exactly, recv_until_closed, reset_close, roundtrip, server_fd,
+    wait_until,
 )
 from test_reliability import CHILD_PRELUDE, Book, Recorder, kill_child
 
@@ -386,6 +387,26 @@ def test_11_a_change_that_fails_later_is_its_own_fds_error():
         poller.close()
         for s in (a2, b1, b2):
             s.close()
+
+
+def test_11_a_reset_seen_by_the_write_filter_is_a_reset(serve):
+    """A reset while the server waits to write, its reading paused (so only write interest is
+    registered), is connection_lost(ConnectionResetError), never a BrokenPipeError: kqueue's
+    write filter carries the socket error in fflags, and libkqueue cleared SO_ERROR to get it."""
+    book = Book()
+
+    class Stalled(Recorder):
+        def connection_made(self, transport):
+            transport.pause_reading()
+            transport.write(bytes(8 << 20))  # far more than the socket buffers hold
+            super().connection_made(transport)
+
+    server = serve(book.factory(Stalled), max_output=64 << 20)
+    client = connect_to(server, rcvbuf=4096)
+    assert book.wait_for(lambda: book.protocols)
+    reset_close(client)
+    assert book.wait_for(lambda: "lost" in book.protocols[0].calls)
+    assert isinstance(book.protocols[0].exc, ConnectionResetError), book.protocols[0].exc
 
 
 def test_11_a_listener_error_event_is_not_accept_readiness():

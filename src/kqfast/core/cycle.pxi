@@ -90,7 +90,12 @@ cdef void on_stream_event(LoopCore *L, int fd, int mask, int err) noexcept nogil
     if mask & KQ_READABLE:
         on_readable(L, fd, err)
     if mask & KQ_WRITABLE and c.kind == K_STREAM and c.mask & KQ_WRITABLE:
-        on_writable(L, fd)
+        if err and not (mask & KQ_READABLE) and not (c.flags & C_LOST):
+            # kqueue's write filter at EV_EOF with the socket's error: a send now would only
+            # answer EPIPE, libkqueue having cleared the error to report it.
+            fail(L, fd, err)
+        else:
+            on_writable(L, fd)
 
 
 cdef void on_entry_event(LoopCore *L, kq_event ev) noexcept nogil:
