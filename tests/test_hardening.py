@@ -259,6 +259,23 @@ def test_07_two_loops_calling_stop_from_callbacks_do_not_deadlock():
         assert not thread.is_alive()
 
 
+@pytest.mark.parametrize("handler", [kqfast.ECHO, asyncio.Protocol], ids=["native", "python"])
+def test_07_a_stop_as_serving_begins_ends_serve_forever_cleanly(handler):
+    """A signal handler's stop() that lands while serve_forever() is getting ready (here: just
+    before the server counts as started) makes serve_forever() return, not fail on the loops
+    that stop() closed; the port is free after."""
+    class StoppedWhileStarting(kqfast.Server):
+        def _check_not_started(self):
+            self.stop()
+            super()._check_not_started()
+
+    server = StoppedWhileStarting(handler, port=0)
+    port = server.address[1]
+    server.serve_forever()
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+
+
 # ---- 8, 14. ports other servers hold, names that do not resolve (kqfast.Server) ----------
 
 def test_08_workers_refuse_a_port_another_server_holds():

@@ -157,6 +157,11 @@ class Server:
         except RuntimeError:
             self._serving.discard(threading.get_ident())
             raise
+        if self._stopped:
+            # A signal handler's stop() ran before the server counted as started, and
+            # released everything: nothing is left to serve.
+            self._serving.discard(threading.get_ident())
+            return
         try:
             self._spawn(range(1, len(self._reactors)))
             self._serve(0)
