@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import summary
 from summary import FIGURES, HTTP_PAIRS, PAIRS, TOO_SHORT
 
 FIGURE_NAMES = {"instructions": "user-space instructions per request (callgrind)",
@@ -396,13 +397,15 @@ def charts(results: dict, out: Path) -> tuple[list[str], str]:
 
 
 def main() -> int:
-    """python bench/report.py [RESULTS_JSON]: results.md and the charts again, beside it."""
+    """python bench/report.py [RESULTS_JSON]: the verdicts, results.md and the charts again,
+    beside it."""
     import json
     import sys
 
     path = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).parent / "results" /
                 "results.json")
     results = json.loads(path.read_text())
+    results["targets"] = summary.targets(results)
     results["charts"], results["charts_missing"] = charts(results, path.parent)
     path.write_text(json.dumps(results, indent=1) + "\n")
     (path.parent / "results.md").write_text(markdown(results))

@@ -234,7 +234,7 @@ def _why_not(results: dict, needs, instrument: str | None) -> str | None:
         missing = results.get("unavailable") or results["missing"]
         if key in missing:
             return f"missing: {key}: {missing[key]}"
-        if key not in results["servers"]:
+        if key not in results["servers"] and key not in results.get("http_servers", ()):
             return f"not measured: {key} not in this run"
     if instrument is not None:
         why = results["instruments"].get(instrument)
