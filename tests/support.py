@@ -420,3 +420,19 @@ def on_loop(server, fn, *args):
     if not ok:
         raise value
     return value
+
+
+def serve_forever_in_thread(server) -> tuple[threading.Thread, list[BaseException]]:
+    """Runs server.serve_forever() in a new thread; returns the thread and a list that gets
+    what serve_forever() raised."""
+    raised: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            server.serve_forever()
+        except BaseException as exc:
+            raised.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, raised

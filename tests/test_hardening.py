@@ -19,8 +19,8 @@ import pytest
 
 import kqfast
 from support import (
-    connect_to, cpu_seconds, recv_exactly, recv_until_closed, reset_close, roundtrip, server_fd,
-    wait_until,
+    connect_to, cpu_seconds, recv_exactly, recv_until_closed, reset_close, roundtrip,
+    serve_forever_in_thread, server_fd, wait_until,
 )
 from test_reliability import CHILD_PRELUDE, Book, Recorder, kill_child
 
@@ -206,16 +206,7 @@ def test_06_systemexit_on_a_worker_loop_stops_the_server():
             self.transport.write(data)
 
     server = kqfast.Server(Exiter, port=0, workers=2, balance="handoff")
-    outcome: list = []
-
-    def serve():
-        try:
-            server.serve_forever()
-        except BaseException as exc:
-            outcome.append(exc)
-
-    thread = threading.Thread(target=serve)
-    thread.start()
+    thread, outcome = serve_forever_in_thread(server)
     first, second = connect_to(server), connect_to(server)  # round-robin: loops 0 and 1
     try:
         assert roundtrip(first, b"hi") == b"hi" and roundtrip(second, b"hi") == b"hi"

@@ -26,8 +26,8 @@ import kqfast
 from support import (
     LineReader, connect_refused, connect_to, cpu_seconds, echo_through, fd_flags, fds_sharing, on_loop,
     new_fds, open_fds, percentile, recv_exactly, recv_until_closed, recv_until_eof,
-    reset_close, roundtrip, rss_bytes, scaled, server_fd, socket_fds, start_child, tcp_sockets,
-    wait_until,
+    reset_close, roundtrip, rss_bytes, scaled, serve_forever_in_thread, server_fd, socket_fds,
+    start_child, tcp_sockets, wait_until,
 )
 
 MiB = 1 << 20
@@ -779,16 +779,7 @@ def test_08_system_exit_and_interrupt_stop_serve_forever(trigger, exc_type):
     """Item 8: SystemExit/KeyboardInterrupt from a handler stop serve_forever(), which re-raises."""
     book = Book()
     server = kqfast.Server(book.factory(Boom), port=0)
-    raised: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            server.serve_forever()
-        except BaseException as exc:
-            raised.append(exc)
-
-    thread = threading.Thread(target=run)
-    thread.start()
+    thread, raised = serve_forever_in_thread(server)
     try:
         bystander = connect_to(server, retry=5)
         assert roundtrip(bystander, b"hi") == b"hi"
