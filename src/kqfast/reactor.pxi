@@ -111,7 +111,6 @@ cdef class Reactor:
         else:
             L.handler = H_PROTOCOL
         L.max_line, L.high_water, L.low_water = max_line, high_water, low_water
-        L.plain_echo = L.handler == H_ECHO and L.high_water > 0
         L.max_output = max_output
         timers_configure(L, idle_timeout, linger_timeout)
         L.max_connections = max_connections

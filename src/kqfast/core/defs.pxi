@@ -129,9 +129,6 @@ ctypedef struct LoopCore:
     int *handoff_fds
     int nhandoff, next_handoff
     int handler                 # what serves the streams kqfast.Server accepts
-    # H_ECHO with a high_water above 0: an echo sent in full leaves nothing queued, so no
-    # backpressure to check (a high_water of 0 stops reading at any amount, none included).
-    bint plain_echo
     size_t max_line, high_water, low_water, max_output
     int max_connections
     double now, stop_deadline

@@ -26,9 +26,10 @@ cdef inline void after_emit(LoopCore *L, Conn *c, int fd, int err) noexcept nogi
 
 cdef inline void echo_bytes(LoopCore *L, Conn *c, int fd, const char *data,
                             size_t n) noexcept nogil:
-    """Raw echo (the plain_echo case: all sent means no backpressure to check)."""
+    """Raw echo.  All sent leaves nothing queued, so no backpressure to check, unless
+    high_water is 0 (reading then stops at any amount, none included)."""
     cdef int err = emit(L, c, fd, data, n)
-    if err != SENT:
+    if err != SENT or L.high_water == 0:
         after_emit(L, c, fd, err)
 
 

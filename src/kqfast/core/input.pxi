@@ -53,10 +53,8 @@ cdef inline void read_native(LoopCore *L, Conn *c, int fd) noexcept nogil:
     if n > 0:
         L.bytes_in += n
         touch_idle(L, c, fd)
-        if L.plain_echo:
+        if L.handler == H_ECHO:
             echo_bytes(L, c, fd, L.rbuf, n)
-        elif L.handler == H_ECHO:
-            after_emit(L, c, fd, emit(L, c, fd, L.rbuf, n))
         else:
             echo_lines(L, fd, L.rbuf, n)
     else:
