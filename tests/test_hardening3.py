@@ -366,6 +366,22 @@ def test_04_a_bad_get_buffer_fails_its_connection_only(factory, bad):
         loop.close()
 
 
+def test_04_sibling_a_stream_accepted_as_its_server_closes_does_not_stop_the_loop():
+    """A client accepted in the core in the iteration whose callbacks close its server: it is
+    turned away (asyncio never makes a transport for a closed server) and the loop goes on
+    (4812ccd: Server._attach's assertion escaped run_once)."""
+    loop = kqfast.new_event_loop()
+    try:
+        server = loop.run_until_complete(loop.create_server(asyncio.Protocol, "127.0.0.1", 0))
+        with socket.create_connection(server.sockets[0].getsockname(), timeout=5) as client:
+            assert select.select([server.sockets[0]], [], [], 5)[0]  # waiting to be accepted
+            loop.call_soon(server.close)
+            loop.run_until_complete(asyncio.wait_for(server.wait_closed(), 5))
+            assert recv_until_closed(client) == (b"", "reset")
+    finally:
+        loop.close()
+
+
 def test_05_abort_in_get_buffer_never_reads_a_socket_that_took_its_number():
     """get_buffer() aborts its transport, then opens a socket pair that gets the freed fd
     number, and its peer sends: those bytes stay with their socket, never reaching the

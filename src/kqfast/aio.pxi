@@ -4,6 +4,7 @@
 # (the same on Python 3.9 to 3.13), with the core's I/O pass in the place where asyncio
 # runs the I/O callbacks: after the callbacks already ready, before the timers due.
 import selectors as _selectors
+import sys as _sys
 from asyncio import base_events as _aio_base_events
 
 cdef object _heappop = _heapq.heappop
@@ -16,6 +17,9 @@ cdef double _MAXIMUM_SELECT_TIMEOUT = _aio_base_events.MAXIMUM_SELECT_TIMEOUT
 cdef object _Future = _asyncio.Future
 cdef int _EVENT_READ = _selectors.EVENT_READ
 cdef int _EVENT_WRITE = _selectors.EVENT_WRITE
+# asyncio before 3.13 waits min(max(0, when - now), maximum): a NaN deadline waits 0 and
+# its callback runs; 3.13 keeps the NaN, and the selector raises ValueError.
+cdef bint _NAN_DEADLINE_WAITS_0 = _sys.version_info < (3, 13)
 
 
 def monotonic():
@@ -98,7 +102,7 @@ def run_once(self):
         timeout = scheduled[0]._when - kq_monotonic()
         if timeout > _MAXIMUM_SELECT_TIMEOUT:
             timeout = _MAXIMUM_SELECT_TIMEOUT
-        elif timeout < 0:
+        elif timeout < 0 or (timeout != timeout and _NAN_DEADLINE_WAITS_0):
             timeout = 0
     event_list = self._selector.select(None if timeout < 0 else timeout)
     if event_list:

@@ -35,7 +35,6 @@ cdef dispatch(Reactor R):
             h.force_close(_errno_exception(r.err), False)
     L.nrecords = L.next_record = 0
     L.arena_used = 0
-    R.retired.clear()
 
 
 cdef bint records_pending(Reactor R) noexcept:

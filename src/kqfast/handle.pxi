@@ -32,6 +32,11 @@ cdef object _protocol_method(protocol, str name):
     return lambda _, data: bound(data)
 
 
+cdef size_t _whole_bytes(mark) except? 0:
+    """A water mark (any non-negative number, inf included) as a whole byte count."""
+    return int(min(mark, 1 << 62))
+
+
 cdef object _errno_exception(int err):
     return OSError(err, _os.strerror(err))
 
@@ -58,6 +63,7 @@ cdef class StreamHandle:
     cdef dict extra                 # made when there is something in it
     cdef bytearray held             # input read before pause_reading() took effect
     cdef size_t high_water, low_water
+    cdef tuple limits               # (low, high) as set_write_buffer_limits() got them
     cdef int lost_writes
     # Flags, a byte each: the handle is one object per stream, its size is idle memory.
     cdef uint8_t closing            # close() was called or the stream failed
@@ -205,12 +211,18 @@ cdef class StreamHandle:
             low = high // 4
         if not high >= low >= 0:
             raise ValueError(f"high ({high!r}) must be >= low ({low!r}) must be >= 0")
-        self.high_water, self.low_water = high, low
+        # Buffer sizes are whole, so whole marks compare the same (size > 1000.5 exactly
+        # when size > 1000); the values given are what get_write_buffer_limits() tells.
+        self.limits = (low, high)
+        self.high_water, self.low_water = _whole_bytes(high), _whole_bytes(low)
         c = self.conn()
         if c is not NULL:
-            c.low_water = <uint32_t>min(low, 0xFFFFFFFF)
+            c.low_water = <uint32_t>min(self.low_water, 0xFFFFFFFF)
             if buf_len(c.out) > self.high_water:
                 self.pause_protocol()
+
+    cdef tuple write_buffer_limits(self):
+        return self.limits if self.limits is not None else (self.low_water, self.high_water)
 
     cdef size_t write_buffer_size(self) except? 0:
         cdef Conn *c

@@ -11,10 +11,14 @@ from asyncio import format_helpers as _aio_format_helpers
 
 from cpython.object cimport PyTypeObject
 from cpython.ref cimport Py_XDECREF
-from cpython.contextvars cimport PyContext_Enter, PyContext_Exit
+from cpython.contextvars cimport PyContext_Exit
 
 cdef extern from "Python.h":
     PyObject *PyType_GenericAlloc(PyTypeObject *type, Py_ssize_t nitems) except NULL
+    # PyContext_Enter without Cython's raise: -1 with the error set (not a Context, or one
+    # already entered), which run_handle() hands to asyncio's own path.
+    int context_enter "PyContext_Enter"(object context)
+    void PyErr_Clear()
     ctypedef struct PyMemberDef:
         Py_ssize_t offset
     ctypedef struct PyMemberDescrObject:
@@ -127,7 +131,13 @@ cdef run_handle(handle):
     cdef object context = <object>slot_get(handle, H_CONTEXT)
     cdef object callback = <object>slot_get(handle, H_CALLBACK)
     cdef object args = <object>slot_get(handle, H_ARGS)
-    PyContext_Enter(context)  # raises as Context.run() does for an entered context
+    if context_enter(context) < 0:
+        # Not a Context, or one already entered: Handle._run() meets the same error in
+        # context.run() and reports it as asyncio does (the exception handler, never out of
+        # the loop), or runs a context-like object's own run().
+        PyErr_Clear()
+        handle._run()
+        return
     try:
         callback(*args)
     except BaseException as exc:

@@ -54,7 +54,9 @@ class Loop(asyncio.SelectorEventLoop):
 
     def run_forever(self) -> None:
         """As asyncio's; in the main thread the signal wakeup fd is the loop's self-pipe
-        while it runs (as uvloop does), so Ctrl-C ends a nogil wait at once."""
+        while it runs (as uvloop does), so Ctrl-C ends a nogil wait at once.  Afterwards it
+        stays the self-pipe while add_signal_handler() handlers are installed (as asyncio
+        keeps it): a signal between two runs is handled by the next."""
         old = -1
         watch = threading.current_thread() is threading.main_thread() and not self.is_closed()
         if watch:
@@ -62,8 +64,8 @@ class Loop(asyncio.SelectorEventLoop):
         try:
             super().run_forever()
         finally:
-            if watch:
-                signal.set_wakeup_fd(old)
+            if watch and not self._signal_handlers:  # type: ignore[attr-defined]
+                signal.set_wakeup_fd(-1 if old == self._csock.fileno() else old)
 
     # ---- streams on the core ---------------------------------------------------------
 
@@ -94,10 +96,10 @@ class Loop(asyncio.SelectorEventLoop):
 
     # The private methods below override the standard loop's own (typeshed does not list them).
     def _stop_serving(self, sock) -> None:
-        if self._reactor.remove_listener(sock.fileno()):
-            sock.close()
-        else:
-            super()._stop_serving(sock)  # type: ignore[misc]
+        """The core stops accepting from sock; then the standard library's own
+        _stop_serving closes it (and, on 3.13+, removes a Unix server's socket file)."""
+        self._reactor.remove_listener(sock.fileno())
+        super()._stop_serving(sock)  # type: ignore[misc]
 
     def _sock_connect_cb(self, fut, sock, address) -> None:
         err = self._reactor.take_error(sock.fileno())

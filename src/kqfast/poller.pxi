@@ -25,6 +25,8 @@ cdef int timeout_ms(object timeout) except? -2:
     shorter than asked."""
     if timeout is None or timeout < 0:
         return -1
+    if timeout != timeout:
+        raise ValueError("cannot convert float NaN to integer")  # as selectors' math.ceil()
     return <int>min(timeout * 1000.0 + 0.999, 86400000.0)
 
 
@@ -115,6 +117,10 @@ cdef class Socket:
         cdef char *dst
         if self.fd < 0:
             raise OSError(9, "read on a closed Socket")
+        if n <= 0:
+            if n < 0:
+                raise ValueError(f"negative size to read: {n}")
+            return b""  # nothing asked for: recv() would answer 0, which means EOF
         out = PyBytes_FromStringAndSize(NULL, n)
         dst = PyBytes_AS_STRING(out)
         with nogil:

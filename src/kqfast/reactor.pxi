@@ -54,13 +54,11 @@ cdef class Reactor:
     cdef object inbox_w             # the write end of this reactor's inbox, if any
     cdef object calls               # call_soon_threadsafe() of a native server
     cdef object pending_exc
-    # The asyncio loop this reactor serves, the thread that runs it (0: not running), the
-    # handle its iteration runs the Python pass for, and sources removed in this iteration
-    # (their streams accepted before the removal are still made).
+    # The asyncio loop this reactor serves, the thread that runs it (0: not running), and
+    # the handle its iteration runs the Python pass for.
     cdef object loop
     cdef unsigned long thread_id
     cdef readonly object io_handle
-    cdef dict retired
     cdef object on_drained
     # The loop's own state, mirrored here for call_soon() and run_once(): its ready deque,
     # and whether it is closed or in debug mode.
@@ -86,7 +84,6 @@ cdef class Reactor:
         L.low_water = 16384
         L.max_output = L.max_connections = <int>0x7FFFFFFF
         self.sources = {}
-        self.retired = {}
         self.calls = _deque()
         self.owner_pid = _os.getpid()
 
@@ -128,14 +125,11 @@ cdef class Reactor:
         self.sources[fd] = source
 
     def remove_listener(self, int fd):
-        """Stops accepting from fd (its socket stays open: its owner closes it); False when
-        fd was no listener of this reactor."""
-        source = self.sources.pop(fd, None)
-        if source is None:
-            return False
-        self.retired[(fd, self.core.conns[fd].gen)] = source
-        close_entry(&self.core, fd)
-        return True
+        """Stops accepting from fd, if it is a listener of this reactor (its socket stays
+        open: its owner closes it).  Clients it accepted in this batch are turned away: its
+        asyncio Server is closing, and asyncio makes no transport for a closed server."""
+        if self.sources.pop(fd, None) is not None:
+            close_entry(&self.core, fd)
 
     def open_inbox(self, Source source):
         """Makes this reactor a hand-off target: streams arrive as fds on a pipe."""

@@ -34,8 +34,7 @@ class Transport(_aio_transports._FlowControlMixin):
         return handle_of(self).write_buffer_size()
 
     def get_write_buffer_limits(self):
-        cdef StreamHandle h = handle_of(self)
-        return (h.low_water, h.high_water)
+        return handle_of(self).write_buffer_limits()
 
     def set_write_buffer_limits(self, high=None, low=None):
         handle_of(self).set_write_buffer_limits(high, low)
@@ -78,11 +77,11 @@ class Transport(_aio_transports._FlowControlMixin):
 
     @property
     def _high_water(self):
-        return handle_of(self).high_water
+        return handle_of(self).write_buffer_limits()[1]
 
     @property
     def _low_water(self):
-        return handle_of(self).low_water
+        return handle_of(self).write_buffer_limits()[0]
 
     def is_closing(self):
         return bool(handle_of(self).closing)
@@ -149,9 +148,7 @@ cdef made(Reactor R, Record *r):
     cdef StreamHandle h
     if L.conns[r.origin].gen == r.origin_gen:
         source = R.sources.get(r.origin)
-    else:
-        source = R.retired.get((r.origin, r.origin_gen))  # it stopped serving meanwhile
-    if source is None:
+    if source is None:  # its listener was removed since (see Reactor.remove_listener)
         close_now(L, r.fd, True)
         return
     try:
