@@ -32,7 +32,7 @@ cdef dispatch(Reactor R):
         elif r.kind == R_CLOSED:
             h.flushed_after_close()
         elif r.kind == R_LOST:
-            h.force_close(_errno_exception(r.err), False)
+            h.force_close(_errno_exception(r.err), h.loses_output())
     L.nrecords = L.next_record = 0
     L.arena_used = 0
 

@@ -6,6 +6,7 @@
 # the standard loop see the same calls in the same order.
 import asyncio as _asyncio
 import socket as _socket
+import warnings as _warnings
 from asyncio import protocols as _aio_protocols
 from asyncio import trsock as _trsock
 from asyncio.base_events import Server as _AioServer
@@ -83,11 +84,14 @@ cdef class StreamHandle:
 
     cdef inline int check_thread(self) except -1:
         """A stream belongs to its loop's thread: from another one, a call could race the
-        loop's nogil pass over the same buffers."""
+        loop's nogil pass over the same buffers.  And to its loop's process: in a forked
+        child its socket and poller are the parent's too."""
         cdef unsigned long owner = self.reactor.thread_id
         if owner != 0 and owner != PyThread_get_thread_ident():
             raise RuntimeError("a kqfast transport was used from a thread other than its "
                                "loop's: use loop.call_soon_threadsafe()")
+        if self.reactor.core.inherited:
+            self.reactor.check_process()
         return 0
 
     cdef bint served(self):
@@ -348,7 +352,16 @@ cdef class StreamHandle:
         except BaseException as exc:
             self.fatal_error(exc, "Fatal error: protocol.get_buffer() call failed.")
             return
-        PyObject_GetBuffer(buf, &view, PyBUF_WRITABLE)
+        # get_buffer() may have closed or paused the stream, and a closed fd's number may
+        # be another socket's by now: read only from this stream, still open and reading.
+        c = self.conn()
+        if c is NULL or self.closing or c.flags & C_READ_PAUSED:
+            return
+        try:
+            PyObject_GetBuffer(buf, &view, PyBUF_WRITABLE)
+        except BaseException as exc:  # read-only or not contiguous: as asyncio's recv_into()
+            self.fatal_error(exc, "Fatal read error on socket transport")
+            return
         n = kq_recv(self.fd, view.buf, view.len)
         PyBuffer_Release(&view)
         if n > 0:
@@ -417,7 +430,9 @@ cdef class StreamHandle:
             return
         c.flags |= C_CLOSING
         if c.flags & C_SERVED:
-            timer_push(&self.reactor.core, self.fd, T_CLOSING)  # the linger covers the flush
+            # kqfast.Server's streams close as its native ones do (core/output.pxi): the
+            # flush has an idle period of its own, then the core lingers on its own.
+            timer_push(&self.reactor.core, self.fd, T_IDLE)
         if c.out is NULL:
             self.end(True, False)
             self.reactor.loop.call_soon(self.call_connection_lost, None)
@@ -425,9 +440,16 @@ cdef class StreamHandle:
             self.force_close(_errno_exception(errno), True)
 
     cdef flushed_after_close(self):
-        """The output queued before close() is out."""
+        """The output queued before close() is out.  connection_lost(None) follows, as a
+        callback of its own (as asyncio's, an error in it goes to the exception handler)."""
         self.end(True, False)
-        self.call_connection_lost(None)
+        self.reactor.loop.call_soon(self.call_connection_lost, None)
+
+    cdef bint loses_output(self):
+        """A kqfast.Server stream ending now would cut output still in our buffer: it ends
+        with a reset, or the peer could take a cut reply for a whole one."""
+        cdef Conn *c = self.conn()
+        return c is not NULL and c.flags & C_SERVED and c.out is not NULL
 
     cdef fatal_error(self, exc, message):
         """A protocol callback raised: reported, then the stream closes at once (a reset for
@@ -454,11 +476,11 @@ cdef class StreamHandle:
         self.reactor.loop.call_soon(self.call_connection_lost, exc)
 
     cdef end(self, bint graceful, bint reset):
-        """The fd stops being this stream's: closed, or for kqfast.Server's streams closed
-        gracefully by the core on its own (shut down, linger)."""
-        cdef LoopCore *L = &self.reactor.core
-        cdef Conn *c = self.conn()
-        if c is NULL:
+        """The fd stops being this stream's: closed (with a reset if asked), or for
+        kqfast.Server's streams closed gracefully by the core on its own (shut down,
+        linger)."""
+        cdef Conn *c
+        if self.conn() is NULL:
             self.ended = True
             return
         # Names stay known after the close, as asyncio's transports know them.
@@ -467,14 +489,24 @@ cdef class StreamHandle:
         self.ended = True
         if self.sock is not None:
             self.sock.detach()  # the socket object must never close a number it lost
+        c = self.conn()
         c.transport = NULL
         c.flags &= ~(C_PY | C_LINE | C_BUFFERED)
-        if graceful and c.flags & C_SERVED:
-            timer_push(L, self.fd, T_CLOSING)
-            finish_write_side(L, self.fd)
-        else:
-            close_now(L, self.fd, reset)
-        Py_DECREF(self)  # the table's reference
+        if not (graceful and c.flags & C_SERVED and shut_write_side(&self.reactor.core, self.fd)):
+            close_now(&self.reactor.core, self.fd, reset)
+        if self.reactor.holds_handles:
+            Py_DECREF(self)  # the table's reference
+
+    def __del__(self):
+        """Collected with its stream open (its loop closed, or dropped, without closing it):
+        a ResourceWarning, and the fd closes with a FIN, as asyncio's transport closes its
+        socket.  What was still in kqfast's buffer is dropped, as asyncio drops its own."""
+        if self.reactor is None or self.conn() is NULL:
+            return
+        _warnings.warn(f"unclosed transport <kqfast.Transport fd={self.fd}>",
+                       ResourceWarning, source=self.transport)
+        self.closing = True
+        self.end(False, False)
 
     def call_connection_lost(self, exc):
         try:

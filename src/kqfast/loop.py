@@ -120,7 +120,9 @@ class Loop(asyncio.SelectorEventLoop):
             raise RuntimeError("Cannot close a running event loop")
         if self.is_closed():
             return
-        self._reactor.abort_streams(notify=False)
+        # As asyncio's loop, it resets nothing: open transports are left alone (see
+        # Reactor.release_streams).
+        self._reactor.release_streams()
         super().close()
         self._reactor.closed = True
 

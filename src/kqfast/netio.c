@@ -7,8 +7,12 @@
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#ifdef __linux__
+#include <linux/sockios.h>
+#endif
 #include <stdio.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <time.h>
@@ -138,6 +142,19 @@ void kq_abort_fd(int fd) {
     struct linger hard = {1, 0};
     setsockopt(fd, SOL_SOCKET, SO_LINGER, &hard, sizeof(hard));
     close(fd);
+}
+
+int kq_unsent(int fd) {
+    int n = -1;
+#if defined(__linux__)
+    if (ioctl(fd, SIOCOUTQ, &n) < 0) return -1;
+#elif defined(SO_NWRITE)
+    socklen_t len = sizeof(n);
+    if (getsockopt(fd, SOL_SOCKET, SO_NWRITE, &n, &len) < 0) return -1;
+#elif defined(FIONWRITE)
+    if (ioctl(fd, FIONWRITE, &n) < 0) return -1;
+#endif
+    return n;
 }
 
 int kq_write_fd(int pipe_fd, int fd) {

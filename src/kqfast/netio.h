@@ -48,6 +48,9 @@ static inline ssize_t kq_send(int fd, const void *buf, size_t n) {
 }
 /* Closes with an RST: SO_LINGER 0 drops unsent data instead of letting it drain. */
 void kq_abort_fd(int fd);
+/* Bytes the peer has not taken yet: what the kernel holds for it (TCP: not yet acknowledged;
+ * a Unix socket: not yet read), or -1 where the system cannot tell. */
+int kq_unsent(int fd);
 /* Pass an accepted fd to another loop of this process through its inbox pipe: one int, which
  * a pipe writes atomically.  kq_write_fd returns 0 or -1; kq_read_fd the fd or -1. */
 int kq_write_fd(int pipe_fd, int fd);

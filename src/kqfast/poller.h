@@ -48,6 +48,10 @@ int kq_poller_wait(kq_poller *p, kq_event *out, int cap, int timeout_ms);
 /* Wakes a wait from any thread; wake-ups that arrive before the wait returns coalesce. */
 int kq_poller_wake(kq_poller *p);
 void kq_poller_free(kq_poller *p);
+/* In a forked child: the poller lets go of the kernel state it shares with the parent (an
+ * epoll instance is shared; a kqueue is not inherited at all), so that nothing the child
+ * does reaches it.  Every call after this fails with EBADF; free() is still owed. */
+void kq_poller_disown(kq_poller *p);
 /* "kqueue" or "epoll": what this build really calls. */
 extern const char kq_poller_backend[];
 

@@ -156,6 +156,15 @@ int kq_poller_wake(kq_poller *p) {
     return write(p->wakefd, &one, sizeof(one)) < 0 && errno != EAGAIN ? -1 : 0;
 }
 
+void kq_poller_disown(kq_poller *p) {
+    /* The child's copies only: the instance lives on in the parent, with its interest list
+     * untouched (a delete through a copy would delete it for the parent). */
+    if (p->wakefd >= 0) close(p->wakefd);
+    if (p->epfd >= 0) close(p->epfd);
+    p->wakefd = p->epfd = -1;
+    p->nchanges = 0;
+}
+
 void kq_poller_free(kq_poller *p) {
     if (p == NULL) return;
     if (p->wakefd >= 0) close(p->wakefd);

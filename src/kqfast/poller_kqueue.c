@@ -220,6 +220,12 @@ int kq_poller_wake(kq_poller *p) {
     return kevent(p->kq, &trigger, 1, NULL, 0, NULL) < 0 ? -1 : 0;
 }
 
+void kq_poller_disown(kq_poller *p) {
+    /* Not closed: in the child the number no longer names our kqueue (see kq_poller_free). */
+    p->kq = -1;
+    p->nchanges = p->nfailed = 0;
+}
+
 void kq_poller_free(kq_poller *p) {
     if (p == NULL) return;
     /* In a forked child the number no longer names our kqueue and may name someone else's

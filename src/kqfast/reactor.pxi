@@ -4,6 +4,7 @@
 # thread-safe requests; the per-event work is in core/.
 import logging as _logging
 import threading as _threading
+import weakref as _weakref
 from collections import deque as _deque
 
 cimport cython
@@ -49,7 +50,11 @@ cdef class Reactor:
     """A poller and the fd table of everything it watches."""
     cdef LoopCore core
     cdef bint configured
-    cdef long owner_pid
+    # The table owns a reference to each stream's handle while the loop is open (shown to
+    # the garbage collector: see traverse_reactor); at the loop's close they become
+    # borrowed, and each handle lives as long as its transport is referenced.
+    cdef bint holds_handles
+    cdef object __weakref__
     cdef dict sources               # fd -> Source: listeners and inboxes
     cdef object inbox_w             # the write end of this reactor's inbox, if any
     cdef object calls               # call_soon_threadsafe() of a native server
@@ -71,12 +76,11 @@ cdef class Reactor:
         L.poller = kq_poller_create()
         if L.poller is NULL:
             PyErr_SetFromErrno(OSError)
-        L.nconns = fd_table_size()
-        # The table is touched only where fds land, so idle memory is what connections use.
-        L.conns = <Conn *>calloc(L.nconns, sizeof(Conn))
+        L.conns = table_reserve()
         L.records = <Record *>malloc(RECORD_CAP * sizeof(Record))
         L.arena = <char *>malloc(ARENA_SIZE)
-        if L.conns is NULL or L.records is NULL or L.arena is NULL:
+        if L.conns is NULL or L.records is NULL or L.arena is NULL or not table_grow(
+                L, fd_limit()):
             raise MemoryError()
         timers_init(L)
         L.handler = H_PROTOCOL
@@ -85,14 +89,25 @@ cdef class Reactor:
         L.max_output = L.max_connections = <int>0x7FFFFFFF
         self.sources = {}
         self.calls = _deque()
-        self.owner_pid = _os.getpid()
+        self.holds_handles = True
+        _reactors.add(self)
 
     def __dealloc__(self):
         cdef LoopCore *L = &self.core
+        cdef PyObject *h
+        cdef int fd
         if L.reserve_fd >= 0:
             c_close(L.reserve_fd)
+        # Streams still open have no one left to close them (detached ones, or those whose
+        # handles are being collected with this reactor): closed now, the poller next.
+        for fd in range(L.top if L.conns is not NULL else 0):
+            if L.conns[fd].kind == K_STREAM:
+                h, L.conns[fd].transport = L.conns[fd].transport, NULL
+                c_close(fd)
+                if self.holds_handles:
+                    Py_XDECREF(h)
         kq_poller_free(L.poller)
-        free(L.conns)
+        table_release(L)
         free(L.records)
         free(L.arena)
         free(L.handoff_fds)
@@ -152,8 +167,30 @@ cdef class Reactor:
             self.core.handoff_fds[i] = -1 if other is self else other.inbox_w
         self.core.nhandoff = len(reactors)
 
+    # ---- fork ------------------------------------------------------------------------------
+
+    cdef forked(self):
+        """In a forked child (os.register_at_fork): every fd of this reactor is a copy of one
+        its parent serves, and its epoll instance is the parent's (a kqueue is not even
+        inherited).  The poller lets go of it, closes stop short of resets, and running or
+        using a stream raises (check_process)."""
+        self.core.inherited = 1
+        kq_poller_disown(self.core.poller)
+
+    @property
+    def inherited(self):
+        """True in a forked child: the loop is a copy of its parent's."""
+        return bool(self.core.inherited)
+
+    cdef int check_process(self) except -1:
+        if self.core.inherited:
+            raise RuntimeError("this kqfast loop was created in another process (before a "
+                               "fork): a forked child must create its own loop")
+        return 0
+
     cdef check_free(self, int fd):
-        if fd < 0 or fd >= self.core.nconns:
+        self.check_process()
+        if not fits_table(&self.core, fd):
             raise ValueError(f"fd {fd} is outside this loop's table (the fd limit)")
         # A watched fd gives way: the selector's entry may be one whose fd Python closed.
         if self.core.conns[fd].kind not in (K_FREE, K_WATCHED):
@@ -179,7 +216,8 @@ cdef class Reactor:
     def watch(self, int fd, int mask):
         """The selector's registration of fd: interest in mask (KQ_READABLE|KQ_WRITABLE)."""
         cdef Conn *c
-        if fd < 0 or fd >= self.core.nconns:
+        self.check_process()
+        if not fits_table(&self.core, fd):
             raise ValueError(f"fd {fd} is outside this loop's table (the fd limit)")
         c = &self.core.conns[fd]
         if c.kind == K_WATCHED:
@@ -202,6 +240,7 @@ cdef class Reactor:
         cdef LoopCore *L = &self.core
         cdef int ms = 0 if records_pending(self) else timeout_ms(timeout)
         cdef int n, i, mask, events
+        self.check_process()
         with nogil:
             n = poll_once(L, ms)
         if n < 0:
@@ -261,29 +300,46 @@ cdef class Reactor:
         cdef int fd
         cdef StreamHandle h
         dispatch(self)
-        for fd in range(L.nconns):
+        for fd in range(L.top):
             if L.conns[fd].kind == K_STREAM and L.conns[fd].transport is not NULL:
                 h = <StreamHandle>L.conns[fd].transport
                 h.close()
 
-    def abort_streams(self, bint notify=True):
-        """Closes every stream at once; with notify, the protocols get connection_lost(None)
-        (a closing loop, like asyncio's, tells them nothing)."""
+    def abort_streams(self, exc):
+        """Ends every stream: a server's last resort (its stop's deadline has passed, or its
+        loop stopped).  Those with a protocol are reset, which gets connection_lost(exc), an
+        error that says so; lingering ones (see end_all) close with a FIN."""
         cdef LoopCore *L = &self.core
         cdef int fd
-        cdef StreamHandle h
-        for fd in range(L.nconns):
+        for fd in range(L.top):
+            if L.conns[fd].kind == K_STREAM and L.conns[fd].transport is not NULL:
+                (<StreamHandle>L.conns[fd].transport).force_close(exc, True)
+        end_all(L)
+
+    def release_streams(self):
+        """The loop closes, and leaves its streams to their transports as asyncio's loop
+        does: each transport closes its stream (with a FIN, and a ResourceWarning) when it is
+        collected, unless it is closed first.  Streams no transport has (accepted, not made
+        yet) close now.  In a forked child every stream is a copy of one the parent serves:
+        each copy is closed now, and nothing of the parent's is touched."""
+        cdef LoopCore *L = &self.core
+        cdef PyObject *h
+        cdef int fd
+        for fd in range(L.top):
             if L.conns[fd].kind != K_STREAM:
                 continue
-            if L.conns[fd].transport is NULL:
-                close_now(L, fd, True)
-                continue
-            h = <StreamHandle>L.conns[fd].transport
-            if notify:
-                h.force_close(None, True)
-            else:
-                h.closing = True
-                h.end(False, True)
+            h = L.conns[fd].transport
+            if h is NULL:
+                close_now(L, fd, False)
+            elif L.inherited:
+                (<StreamHandle>h).closing = True
+                (<StreamHandle>h).end(False, False)
+        # The table's references become borrowed: each handle now lives as long as its
+        # transport is referenced (its end() clears the table's pointer).
+        self.holds_handles = False
+        for fd in range(L.top):
+            if L.conns[fd].kind == K_STREAM and L.conns[fd].transport is not NULL:
+                Py_XDECREF(L.conns[fd].transport)
 
     def stop_serving(self):
         """Closes the listeners and inboxes a kqfast.Server gave this reactor; False when
@@ -298,9 +354,7 @@ cdef class Reactor:
     def run(self):
         """Serves until stop(); re-raises KeyboardInterrupt/SystemExit from thread-safe calls
         or signals after closing everything."""
-        if _os.getpid() != self.owner_pid:
-            raise RuntimeError("this kqfast loop was created in another process (before "
-                               "fork); create the server in the process that serves")
+        self.check_process()
         if not self.configured or self.core.finished:
             raise RuntimeError("the loop is not configured or has already run")
         old_wakeup = self.watch_signals()
@@ -371,9 +425,7 @@ cdef class Reactor:
         cdef int fd
         L.stopping = 1
         self.release_sources()
-        for fd in range(L.nconns):
-            if L.conns[fd].kind == K_STREAM:
-                close_now(L, fd, True)
+        end_all(L)
         self.run_calls()
         if L.reserve_fd >= 0:
             c_close(L.reserve_fd)
@@ -393,7 +445,8 @@ cdef class Reactor:
         close_sources(&self.core)
         for ifd, source in self.sources.items():
             if source.sock is None:  # an inbox
-                while (fd := kq_read_fd(ifd)) >= 0:
+                # (In a forked child the numbers in it name the parent's fds.)
+                while not self.core.inherited and (fd := kq_read_fd(ifd)) >= 0:
                     kq_abort_fd(fd)
                 _os.close(ifd)
             elif source.served:
@@ -408,18 +461,7 @@ cdef class Reactor:
         cdef LoopCore *L = &self.core
         if L.finished:
             return
-        if _os.getpid() != self.owner_pid:
-            # A forked child shares the parent's epoll instance: deregistering anything would
-            # deregister it for the parent.  Closing the child's copies of the fds is enough.
-            for source in self.sources.values():
-                if source.sock is not None:
-                    source.sock.close()
-            if L.reserve_fd >= 0:
-                c_close(L.reserve_fd)
-                L.reserve_fd = -1
-            L.finished = 1
-            return
-        self.teardown(None)
+        self.teardown(None)  # in a forked child too: it closes the child's copies only
 
     def request_stop(self, double timeout):
         """Thread-safe: stop accepting, let output flush for up to timeout seconds, close."""
@@ -479,3 +521,66 @@ cdef class Reactor:
             handle = ready.popleft()
             if not handle._cancelled:
                 handle._run()
+
+
+# Every reactor of this process, for the fork hook below.
+_reactors = _weakref.WeakSet()
+
+
+def _after_fork_in_child():
+    for reactor in list(_reactors):
+        (<Reactor>reactor).forked()
+
+
+_os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+# The table's references to the stream handles, shown to the garbage collector: a loop
+# dropped without close() is a cycle through them (reactor -> handle -> reactor, protocol,
+# loop) that it must see to free.  Cython writes tp_traverse and tp_clear for the object
+# attributes; these wrap them.
+cdef extern from "Python.h":
+    ctypedef int (*visitproc_t "visitproc")(PyObject *, void *) noexcept
+    ctypedef int (*traverseproc_t "traverseproc")(PyObject *, visitproc_t, void *) noexcept
+    ctypedef int (*inquiry_t "inquiry")(PyObject *) noexcept
+    ctypedef struct GCSlots "PyTypeObject":
+        traverseproc_t tp_traverse
+        inquiry_t tp_clear
+
+cdef GCSlots *_reactor_type = <GCSlots *><PyObject *>Reactor
+cdef traverseproc_t _traverse_attributes = _reactor_type.tp_traverse
+cdef inquiry_t _clear_attributes = _reactor_type.tp_clear
+
+
+cdef int traverse_reactor(PyObject *o, visitproc_t visit, void *arg) noexcept:
+    cdef Reactor R = <Reactor>o
+    cdef LoopCore *L = &R.core
+    cdef int fd, err = _traverse_attributes(o, visit, arg)
+    if err or not R.holds_handles:
+        return err
+    for fd in range(L.top):
+        if L.conns[fd].kind == K_STREAM and L.conns[fd].transport is not NULL:
+            err = visit(L.conns[fd].transport, arg)
+            if err:
+                return err
+    return 0
+
+
+cdef int clear_reactor(PyObject *o) noexcept:
+    """Breaks the cycle: the table lets go of its handles (their finalizers, which run
+    before any clear, have closed their streams)."""
+    cdef Reactor R = <Reactor>o
+    cdef LoopCore *L = &R.core
+    cdef PyObject *h
+    cdef int fd
+    if R.holds_handles:
+        R.holds_handles = False
+        for fd in range(L.top):
+            if L.conns[fd].kind == K_STREAM and L.conns[fd].transport is not NULL:
+                h, L.conns[fd].transport = L.conns[fd].transport, NULL
+                Py_XDECREF(h)
+    return _clear_attributes(o)
+
+
+_reactor_type.tp_traverse = traverse_reactor
+_reactor_type.tp_clear = clear_reactor

@@ -288,7 +288,9 @@ class Server:
 
     @staticmethod
     def _force_stop(loop: Loop) -> None:
-        loop._reactor.abort_streams()
+        loop._reactor.abort_streams(ConnectionAbortedError(
+            "kqfast.Server stopped: its shutdown timeout passed before this connection "
+            "closed, so it was reset"))
         loop.stop()
 
     def _report(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
@@ -315,9 +317,13 @@ class Server:
 
 def _finish(loop: Loop) -> None:
     """Closes what is left on a loop that has stopped: the protocols still get their
-    connection_lost(), then the loop closes."""
+    connection_lost(), then the loop closes.  (A forked child's copy only closes.)"""
+    if loop._reactor.inherited:
+        loop.close()
+        return
     loop._reactor.stop_serving()
-    loop._reactor.abort_streams()
+    loop._reactor.abort_streams(ConnectionAbortedError(
+        "kqfast.Server stopped: its loop ended with this connection open, so it was reset"))
     loop.call_soon(loop.stop)
     loop.run_forever()
     loop.close()

@@ -26,6 +26,7 @@ cdef extern from "poller.c" nogil:
     int kq_poller_wait(kq_poller *p, kq_event *out, int cap, int timeout_ms)
     int kq_poller_wake(kq_poller *p)
     void kq_poller_free(kq_poller *p)
+    void kq_poller_disown(kq_poller *p)
     const char kq_poller_backend[]
 
 cdef extern from "netio.h" nogil:
@@ -38,6 +39,7 @@ cdef extern from "netio.h" nogil:
     int kq_connect(const char *host, int port)
     int kq_socket_error(int fd)
     void kq_abort_fd(int fd)
+    int kq_unsent(int fd)
     int kq_write_fd(int pipe_fd, int fd)
     int kq_read_fd(int pipe_fd)
     int kq_open_reserve()

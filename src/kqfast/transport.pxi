@@ -121,23 +121,27 @@ cdef inline StreamHandle handle_of(transport):
 
 
 cdef StreamHandle new_handle(Reactor R, int fd, protocol, server, dict extra):
-    """The handle of a stream just entered in the table, owned by the table from now on."""
-    cdef Conn *c = &R.core.conns[fd]
+    """The handle of a stream just entered in the table, owned by the table from now on.
+    Its asyncio Server counts it first: should that raise, the table has taken nothing."""
     cdef StreamHandle h = StreamHandle.__new__(StreamHandle)
-    h.reactor, h.fd, h.gen, h.server, h.extra = R, fd, c.gen, server, extra
-    h.high_water, h.low_water = R.core.high_water, R.core.low_water
-    c.low_water = <uint32_t>min(h.low_water, 0xFFFFFFFF)
-    Py_INCREF(h)
-    c.transport = <PyObject *>h
-    h.set_protocol(protocol)
+    cdef Conn *c
     t = Transport.__new__(Transport)
     t._h = h
     h.transport = t
+    h.reactor, h.fd, h.server, h.extra = R, fd, server, extra
     if server is not None:
         if _ATTACH_TAKES_TRANSPORT:
             server._attach(t)
         else:
             server._attach()
+    c = &R.core.conns[fd]
+    h.gen = c.gen
+    h.high_water, h.low_water = R.core.high_water, R.core.low_water
+    c.low_water = <uint32_t>min(h.low_water, 0xFFFFFFFF)
+    if R.holds_handles:
+        Py_INCREF(h)
+    c.transport = <PyObject *>h
+    h.set_protocol(protocol)
     return h
 
 
@@ -153,6 +157,7 @@ cdef made(Reactor R, Record *r):
         return
     try:
         protocol = source.protocol_factory()
+        h = new_handle(R, r.fd, protocol, source.server, None)
     except (SystemExit, KeyboardInterrupt):
         close_now(L, r.fd, True)
         raise
@@ -163,7 +168,6 @@ cdef made(Reactor R, Record *r):
                 "message": "Error on transport creation for incoming connection",
                 "exception": exc})
         return
-    h = new_handle(R, r.fd, protocol, source.server, None)
     try:
         protocol.connection_made(h.transport)
     except (SystemExit, KeyboardInterrupt):
@@ -181,7 +185,14 @@ def adopt(Reactor R, sock, protocol, waiter, extra, server):
     if sock.family != AF_UNIX:
         kq_prepare_accepted(fd, 1)  # TCP_NODELAY, as asyncio sets it
     open_conn(&R.core, fd, C_PY)
-    h = new_handle(R, fd, protocol, server, dict(extra) if extra else None)
+    try:
+        h = new_handle(R, fd, protocol, server, dict(extra) if extra else None)
+    except BaseException:
+        # (A closed server's assertion, say.)  The socket stays its owner's, who closes it:
+        # the table forgets the fd, or its number would stay "in use" after.
+        close_entry(&R.core, fd)
+        R.core.n_current -= 1
+        raise
     h.sock = sock
     h.get_extra_info("sockname", None)  # asyncio's transports learn their names at once
     h.get_extra_info("peername", None)

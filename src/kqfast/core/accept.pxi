@@ -53,7 +53,7 @@ cdef void admit(LoopCore *L, int fd, int origin) noexcept nogil:
     the limits."""
     cdef uint32_t served = L.conns[origin].flags & C_SERVED
     cdef Record *r
-    if fd >= L.nconns or (served and <int>L.n_current >= L.max_connections):
+    if not fits_table(L, fd) or (served and <int>L.n_current >= L.max_connections):
         L.n_rejected += 1
         kq_abort_fd(fd)
         return
@@ -101,6 +101,6 @@ cdef void close_sources(LoopCore *L) noexcept nogil:
     """Stops accepting for good: every listener and inbox leaves the poller (Python closes
     their fds)."""
     cdef int fd
-    for fd in range(L.nconns):
+    for fd in range(L.top):
         if L.conns[fd].kind == K_LISTENER or L.conns[fd].kind == K_INBOX:
             close_entry(L, fd)

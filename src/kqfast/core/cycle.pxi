@@ -139,6 +139,16 @@ cdef inline void end_batch(LoopCore *L) noexcept nogil:
         expire_timers(L)
 
 
+cdef void end_all(LoopCore *L) noexcept nogil:
+    """A stop's deadline: every stream of the core ends now.  A reset is the last resort,
+    for those with output still in our buffer, or that were being served; a lingering
+    stream's output is all with the kernel, which delivers it after a close (a FIN)."""
+    cdef int fd
+    for fd in range(L.top):
+        if L.conns[fd].kind == K_STREAM:
+            close_now(L, fd, not (L.conns[fd].flags & C_LINGER))
+
+
 cdef void begin_stop(LoopCore *L) noexcept nogil:
     """Graceful shutdown of a native server: stop accepting, then close every connection
     gracefully."""
@@ -147,6 +157,6 @@ cdef void begin_stop(LoopCore *L) noexcept nogil:
     if L.stop_deadline < L.next_expiry:
         L.next_expiry = L.stop_deadline  # the wait must end by then
     close_sources(L)
-    for fd in range(L.nconns):
+    for fd in range(L.top):
         if L.conns[fd].kind == K_STREAM and not (L.conns[fd].flags & C_CLOSING):
             begin_close(L, fd)

@@ -2,7 +2,7 @@
 # works on.  Everything in core/ is a free function over one LoopCore (Redis ae style): no
 # Python object is touched without the GIL.
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
-from cpython.ref cimport PyObject, Py_INCREF, Py_DECREF
+from cpython.ref cimport PyObject, Py_INCREF, Py_DECREF, Py_XDECREF
 
 cdef enum:
     READ_CHUNK = 65536
@@ -146,6 +146,8 @@ ctypedef struct LoopCore:
     int stopping, finished, wait_errno, wait_failures, signal_pending
     uint64_t n_current, n_total, n_rejected, n_timeouts, n_errors, bytes_in, bytes_out
     int reserve_fd              # freed at the fd limit to accept and shed a client
+    int top                     # 1 + the highest fd ever entered: where walks of conns stop
+    int inherited               # this is a forked child's copy (see Reactor.forked)
     # The Python pass: records (dispatched from next_record on), the arena their data is in.
     Record *records
     int nrecords, next_record

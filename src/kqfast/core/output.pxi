@@ -1,6 +1,10 @@
 # Output and the close state machine: send at once what the socket takes, queue the rest
 # behind write interest; a graceful close flushes, shuts the write side down, then lets the
-# peer finish (lingers) before the fd is closed.  Failures end here too.
+# peer finish (lingers) before the fd is closed.  A close stays graceful for as long as the
+# peer reads: the idle timeout, which counts its reading as activity, is what gives up on a
+# peer that does not; once the peer has everything it has linger_timeout to close.  Only
+# output still in our buffer is ever cut, with a reset; what the kernel took is never reset
+# away.  Failures end here too.
 from posix.unistd cimport close as c_close
 
 
@@ -63,26 +67,62 @@ cdef int queue_output(LoopCore *L, Conn *c, int fd, const char *data, size_t n,
 
 
 cdef void begin_close(LoopCore *L, int fd) noexcept nogil:
-    """Graceful close: stop taking input, flush, shut down the write side, then let the peer
-    finish (closing with unread input would reset the connection and lose the output still
-    in flight)."""
+    """Graceful close of a native stream: stop taking input, flush, shut down the write
+    side, then let the peer finish (closing with unread input would reset the connection
+    and lose the output still in flight)."""
     cdef Conn *c = &L.conns[fd]
     c.flags |= C_CLOSING
-    timer_push(L, fd, T_CLOSING)
+    timer_push(L, fd, T_IDLE)  # the close has an idle period of its own
     if c.out is not NULL:
         set_mask(L, fd, KQ_WRITABLE)
-    else:
-        finish_write_side(L, fd)
+    elif not shut_write_side(L, fd):
+        close_now(L, fd, False)
 
 
-cdef void finish_write_side(LoopCore *L, int fd) noexcept nogil:
+cdef bint shut_write_side(LoopCore *L, int fd) noexcept nogil:
+    """A closing stream's output is all with the kernel: shut the write side down and
+    linger (input is discarded) while the peer takes what is owed; False when there is
+    nothing to wait for (the peer has finished already) or no way to (the fd cannot be
+    watched): the caller closes it (a FIN).  A Python stream is detached first: its
+    protocol has had connection_lost(None), as asyncio's does once the socket has it all."""
     cdef Conn *c = &L.conns[fd]
     if c.flags & C_EOF:
-        close_now(L, fd, False)
-        return
+        return False
     shutdown(fd, SHUT_WR)
     c.flags |= C_LINGER | C_WRITE_SHUT
     if set_mask(L, fd, KQ_READABLE) < 0:
+        return False
+    watch_unsent(L, fd)
+    return True
+
+
+cdef void watch_unsent(LoopCore *L, int fd) noexcept nogil:
+    """A lingering stream's progress: the bytes the peer has yet to take, kept to compare
+    with at its next deadline (in low_water, a Python transport's resume mark, which means
+    nothing once the write side is shut).  None left: linger_timeout for the peer's close;
+    else an idle period (none when the idle timeout is off: the peer's close ends it)."""
+    cdef Conn *c = &L.conns[fd]
+    cdef int unsent = kq_unsent(fd)
+    if unsent <= 0:  # everything taken (or the system cannot tell)
+        timer_push(L, fd, T_CLOSING)
+    else:
+        c.low_water = unsent
+        timer_push(L, fd, T_IDLE)
+
+
+cdef void closing_expired(LoopCore *L, int fd) noexcept nogil:
+    """A closing stream's idle deadline.  With output still in our buffer, the peer took
+    nothing for the idle timeout: the last resort is a reset (a Python protocol hears of it
+    as connection_lost(TimeoutError)), or it would take the cut reply for a whole one.
+    Lingering, it may have taken some from the kernel's meanwhile: then it lingers on; if
+    not, it is closed (a FIN after what the kernel still holds: nothing is cut)."""
+    cdef Conn *c = &L.conns[fd]
+    if not (c.flags & C_LINGER):
+        fail(L, fd, ETIMEDOUT)
+    elif kq_unsent(fd) < <int>c.low_water:
+        watch_unsent(L, fd)
+    else:
+        L.n_timeouts += 1
         close_now(L, fd, False)
 
 
@@ -118,7 +158,8 @@ cdef void on_writable(LoopCore *L, int fd) noexcept nogil:
     # Drained.  The interest moves to what comes next in one change, never through 0 (a
     # removal, then an add).
     if c.flags & C_CLOSING and not (c.flags & C_PY):
-        finish_write_side(L, fd)
+        if not shut_write_side(L, fd):
+            close_now(L, fd, False)
         return
     mask = c.mask & ~KQ_WRITABLE
     if (c.flags & (C_READ_PAUSED | C_PY)) == C_READ_PAUSED:

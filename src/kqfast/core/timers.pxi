@@ -119,8 +119,13 @@ cdef void expire_timers(LoopCore *L) noexcept nogil:
     while L.timers[T_IDLE].head >= 0 and L.nrecords < RECORD_SOFT_CAP:
         fd = L.timers[T_IDLE].head
         c = &L.conns[fd]
-        if c.active + L.timers[T_IDLE].timeout > L.now:
+        # (One pushed back in this pass, stamped now, waits for the next however short the
+        # timeout.)
+        if c.active + L.timers[T_IDLE].timeout > L.now or c.active == L.now:
             break
+        if c.flags & C_CLOSING:
+            closing_expired(L, fd)
+            continue
         L.n_timeouts += 1
         if c.flags & C_PY:
             timer_unlink(L, fd)
@@ -135,8 +140,9 @@ cdef void expire_timers(LoopCore *L) noexcept nogil:
         c = &L.conns[fd]
         if c.active + L.timers[T_CLOSING].timeout > L.now:
             break
-        # A closing peer that neither reads nor closes: give up on it.
-        fail(L, fd, ETIMEDOUT)
+        # The peer has had everything for linger_timeout and has not closed: nothing is
+        # lost by closing now.
+        close_now(L, fd, False)
     while L.timers[T_BACKOFF].head >= 0:
         fd = L.timers[T_BACKOFF].head
         if L.conns[fd].active + ACCEPT_BACKOFF > L.now:
