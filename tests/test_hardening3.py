@@ -241,7 +241,7 @@ def read_slowly(sock: socket.socket, chunk: int, pause: float,
 
 def test_02_echo_shutdown_flushes_to_a_slow_reader(echo_server, handler_kind):
     """kqfast-echo --mode raw --shutdown-timeout 30 stopped by SIGINT while a client reads
-    16 KiB every 150 ms for 3.5 s (then the rest at once): it reads every echoed byte, then a
+    2 KiB every 150 ms for 3.5 s (then the rest at once): it reads every echoed byte, then a
     clean EOF, and the server exits 0 (4812ccd: a reset at 2 s, the linger timeout)."""
     server = echo_server("--mode", "raw", "--handler", handler_kind,
                          "--shutdown-timeout", "30")
@@ -260,7 +260,7 @@ def test_02_echo_shutdown_flushes_to_a_slow_reader(echo_server, handler_kind):
         assert select.select([client], [], [], 5)[0]  # being served: the echo comes back
         stopped = time.monotonic()
         server.proc.send_signal(signal.SIGINT)
-        received, how = read_slowly(client, 16384, 0.15, slow_for=3.5)
+        received, how = read_slowly(client, 2048, 0.15, slow_for=3.5)
         took = time.monotonic() - stopped
     assert how == "eof", (len(received), took)
     assert received == payload[:len(received)]
