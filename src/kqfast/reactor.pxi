@@ -241,8 +241,16 @@ cdef class Reactor:
         cdef int ms = 0 if records_pending(self) else timeout_ms(timeout)
         cdef int n, i, mask, events
         self.check_process()
-        with nogil:
-            n = poll_once(L, ms)
+        if L.nrecords > RECORD_SOFT_CAP:
+            # The last Python pass was cut short (a KeyboardInterrupt, the rest of its batch
+            # left for this iteration) with more records pending than one batch's reserve
+            # leaves room for: no event is taken until they are dispatched, and readiness,
+            # level-triggered, waits in the kernel.  (A native server never has records.)
+            set_clock(L)
+            n = 0
+        else:
+            with nogil:
+                n = poll_once(L, ms)
         if n < 0:
             if errno != EINTR:
                 L.wait_errno = errno
@@ -507,7 +515,7 @@ cdef class Reactor:
         cdef kq_event ev
         set_clock(&self.core)
         if self.core.nrecords > RECORD_SOFT_CAP:
-            events = []  # as poll_once: the pending records' room is not there
+            events = []  # as poll(): the pending records' room is not there
         for i in range(min(len(events), EVENT_CAP)):
             ev.fd, ev.mask, ev.err = events[i]
             handle_event(&self.core, ev)

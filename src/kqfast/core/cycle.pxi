@@ -5,14 +5,9 @@
 
 cdef int poll_once(LoopCore *L, int timeout_ms) noexcept nogil:
     """One wait and what it brought; returns 0, or -1 when the wait failed (errno says
-    why).  Over the records' soft cap (the Python pass was cut short, by a KeyboardInterrupt
-    say, and the caller polls again) it takes nothing: the reserve above the cap holds the
-    records of one full batch only, and level-triggered readiness waits in the kernel."""
-    cdef int n, due
-    if L.nrecords > RECORD_SOFT_CAP:
-        set_clock(L)
-        return 0
-    due = wait_ms(L)
+    why).  An asyncio loop calls it only at or under the records' soft cap (Reactor.poll),
+    so the reserve above it holds a whole batch's."""
+    cdef int n, due = wait_ms(L)
     if due >= 0 and (timeout_ms < 0 or due < timeout_ms):
         timeout_ms = due
     n = kq_poller_poll(L.poller, EVENT_CAP, timeout_ms)

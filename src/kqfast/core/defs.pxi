@@ -14,7 +14,7 @@ cdef enum:
     # Reads, accepts and timers, whose count per batch is unbounded, stop here; the rest of
     # the array is kept for the at most 3 records that one event can add (a data, EOF or
     # loss on the read side; resume plus closed or loss on the write side).  A poll takes
-    # events only at or under it (see poll_once), so no order of input can overflow.
+    # events only at or under it (see Reactor.poll), so no order of input can overflow.
     RECORD_SOFT_CAP = RECORD_CAP - 3 * EVENT_CAP
 
 # Handler kinds: what runs a connection's bytes.
