@@ -20,7 +20,7 @@ __version__ = "0.1.0"
 def __getattr__(name: str):
     if name == "EventLoopPolicy":  # made on first use: see kqfast.loop
         from kqfast import loop
-        return loop.__getattr__(name)
+        return loop.event_loop_policy(stacklevel=2)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

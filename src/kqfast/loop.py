@@ -189,18 +189,23 @@ def _policy_class():
 _policy = None
 
 
-def __getattr__(name: str):
+def event_loop_policy(stacklevel: int):
+    """kqfast.EventLoopPolicy, warning as asyncio's policies do from Python 3.14."""
     global _policy
-    if name != "EventLoopPolicy":
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     if sys.version_info >= (3, 14):
         warnings.warn("'kqfast.EventLoopPolicy' is deprecated, as asyncio's event loop "
                       "policies are, and slated for removal with them in Python 3.16; use "
                       "kqfast.run() or asyncio.Runner(loop_factory=kqfast.new_event_loop)",
-                      DeprecationWarning, stacklevel=2)
+                      DeprecationWarning, stacklevel=stacklevel + 1)
     if _policy is None:
         _policy = _policy_class()
     return _policy
+
+
+def __getattr__(name: str):
+    if name == "EventLoopPolicy":
+        return event_loop_policy(stacklevel=2)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def run(main, *, debug=None):
