@@ -15,7 +15,6 @@ cdef int _MIN_SCHEDULED_TIMER_HANDLES = _aio_base_events._MIN_SCHEDULED_TIMER_HA
 cdef double _MIN_CANCELLED_TIMER_HANDLES_FRACTION = (
     _aio_base_events._MIN_CANCELLED_TIMER_HANDLES_FRACTION)
 cdef double _MAXIMUM_SELECT_TIMEOUT = _aio_base_events.MAXIMUM_SELECT_TIMEOUT
-cdef object _Future = _asyncio.Future
 cdef int _EVENT_READ = _selectors.EVENT_READ
 cdef int _EVENT_WRITE = _selectors.EVENT_WRITE
 cdef bint _END_TIME_ULP = "ulp" in _BaseEventLoop._run_once.__code__.co_names
@@ -140,8 +139,9 @@ def run_once(self):
 
 
 def create_future(self):
-    """kqfast.Loop.create_future: asyncio's C Future, without a Python frame."""
-    return _Future(loop=self)
+    """kqfast.Loop.create_future: asyncio's, without a Python frame (asyncio.futures.Future
+    looked up each time, as asyncio does: tests swap in the pure-Python one)."""
+    return _aio_futures.Future(loop=self)
 
 
 cdef _run_debug(loop, handle):

@@ -10,6 +10,7 @@ import contextvars as _contextvars
 from kqfast import _asyncio_hooks
 import heapq as _heapq
 from asyncio import format_helpers as _aio_format_helpers
+from asyncio import tasks as _aio_tasks
 
 from cpython.object cimport PyTypeObject
 from cpython.ref cimport Py_XDECREF
@@ -23,7 +24,6 @@ cdef extern from "Python.h":
 
 cdef object _Handle = _asyncio.Handle
 cdef object _TimerHandle = _asyncio.TimerHandle
-cdef object _Task = _asyncio.Task
 cdef object _copy_context = _contextvars.copy_context
 cdef object _heappush = _heapq.heappush
 cdef object _format_callback_source = _aio_format_helpers._format_callback_source
@@ -124,7 +124,7 @@ def create_task(self, coro, *, name=None, **context):
         return _BaseEventLoop.create_task(self, coro, name=name, **context)
     if R.closed:
         raise RuntimeError("Event loop is closed")
-    return _Task(coro, loop=self, name=name, **context)
+    return _aio_tasks.Task(coro, loop=self, name=name, **context)
 
 
 cdef run_handle(handle):
