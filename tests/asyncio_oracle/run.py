@@ -2,7 +2,7 @@
 kqfast.Loop (asyncio's default loop factory swapped by sitecustomize.py), module by module in
 subprocesses; prints each run's totals and every test that fails only on kqfast's loop.
 
-    python tests/asyncio_oracle/run.py [--loop both|kqfast|asyncio] [-j 2] [--timeout 900]
+    python tests/asyncio_oracle/run.py [--loop both|kqfast|asyncio] [-j 2] [--timeout 300]
                                        [--out DIR] [module ...]
 
 Run it with the interpreter to test, in an environment where kqfast is installed.  Exit status
@@ -64,7 +64,7 @@ def main() -> int:
     parser.add_argument("modules", nargs="*", help="test.test_asyncio.test_x modules (all)")
     parser.add_argument("--loop", choices=("both", "kqfast", "asyncio"), default="both")
     parser.add_argument("-j", type=int, default=2, help="modules run at once (2)")
-    parser.add_argument("--timeout", type=float, default=900, help="seconds per module (900)")
+    parser.add_argument("--timeout", type=float, default=300, help="seconds per module (300)")
     parser.add_argument("--out", type=Path, help="where the per-test JSON lines go (a temp dir)")
     args = parser.parse_args()
     out = args.out or Path(tempfile.mkdtemp(prefix="asyncio-oracle-"))
