@@ -116,15 +116,16 @@ def call_later(self, delay, callback, *args, context=None):
     return call_at(self, kq_monotonic() + delay, callback, *args, context=context)
 
 
-def create_task(self, coro, *, name=None, **context):
+def create_task(self, coro, **kwargs):
     """kqfast.Loop.create_task: asyncio's; without a task factory, the Task is made here.
-    context: what this Python's create_task takes (3.11+)."""
+    kwargs: what this Python's create_task takes (name, context, eager_start...), passed on
+    only when given, as asyncio passes them to a task factory."""
     cdef Reactor R = self._reactor
     if R.debug or self._task_factory is not None:
-        return _BaseEventLoop.create_task(self, coro, name=name, **context)
+        return _BaseEventLoop.create_task(self, coro, **kwargs)
     if R.closed:
         raise RuntimeError("Event loop is closed")
-    return _aio_tasks.Task(coro, loop=self, name=name, **context)
+    return _aio_tasks.Task(coro, loop=self, **kwargs)
 
 
 cdef run_handle(handle):

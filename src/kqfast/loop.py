@@ -114,10 +114,10 @@ class Loop(asyncio.SelectorEventLoop):
 
     # The private methods below override the standard loop's own (typeshed does not list them).
     def _stop_serving(self, sock) -> None:
-        if self._reactor.remove_listener(sock.fileno()):
-            sock.close()
-        else:
-            super()._stop_serving(sock)  # type: ignore[misc]
+        # The core lets go of the listener, then the standard library does the rest: it
+        # removes a Unix server's socket file (3.13+) and closes the socket.
+        self._reactor.remove_listener(sock.fileno())
+        super()._stop_serving(sock)  # type: ignore[misc]
 
     def _sock_connect_cb(self, fut, sock, address) -> None:
         err = self._reactor.take_error(sock.fileno())

@@ -84,6 +84,13 @@ class Transport(_aio_transports._FlowControlMixin):
     def _low_water(self):
         return handle_of(self).low_water
 
+    @property
+    def _paused(self):
+        """asyncio's selector transports' reading-paused flag, which code reads (CPython's
+        own test_server_context among it)."""
+        cdef Conn *c = handle_of(self).conn()
+        return c is not NULL and bool(c.flags & C_READ_PAUSED)
+
     def is_closing(self):
         return bool(handle_of(self).closing)
 
