@@ -358,6 +358,38 @@ def test_tls_streams_follow_the_rule_both_ways(loop_factory, tls):
                         "tlsclient0": "tlsclient0 maker", "tlsclient1": "tlsclient1 maker"})
 
 
+def test_start_tls_keeps_the_streams_context(loop_factory, tls):
+    """start_tls upgrades a stream in place: its TLS callbacks run in the context the stream
+    already had (as on 3.15's asyncio, where the TLS layer is called from the transport's
+    callbacks), not in the caller's."""
+    server_ctx, client_ctx = tls
+    log: list = []
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        served = []
+        server = await loop.create_server(lambda: served.append(EchoRecorder("tls side", log))
+                                          or served[-1], "127.0.0.1", 0, ssl=server_ctx)
+        var.set("connector")
+        transport, protocol = await loop.create_connection(
+            lambda: Recorder("upgraded", log), *server.sockets[0].getsockname())
+        var.set("upgrader")
+        tls_transport = await loop.start_tls(transport, protocol, client_ctx,
+                                             server_hostname="localhost")
+        var.set("main")
+        tls_transport.write(b"over tls")
+        await asyncio.wait_for(_received(protocol, b"over tls"), 10)
+        tls_transport.close()
+        await protocol.lost
+        await served[0].lost
+        server.close()
+        await server.wait_closed()
+
+    run_on(loop_factory, main)
+    check_streams(log, {"upgraded": "connector", "tls side": "caller"})
+    assert any(n == "upgraded" and c == "data_received" for n, c, _ in log)
+
+
 def test_kqfast_server_protocols_run_in_a_copy_of_the_context_it_was_made_in():
     log: list = []
     var.set("kqfast.Server maker")
