@@ -1,6 +1,7 @@
 """Runs one test module of CPython's test_asyncio and writes one JSON line per test outcome
 to the file named by argv[2] as it goes (so a module that hangs still tells which test)."""
 import json
+import signal
 import sys
 import unittest
 
@@ -51,6 +52,9 @@ class Recorder(unittest.TextTestResult):
 
 def main():
     name, path = sys.argv[1], sys.argv[2]
+    # A runner started in the background inherits an ignored SIGINT, and asyncio.run's
+    # Ctrl-C tests (interrupt_main) would then wait forever, on any loop.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     suite = unittest.defaultTestLoader.loadTestsFromName(name)
     with open(path, "w") as out:
         runner = unittest.TextTestRunner(
