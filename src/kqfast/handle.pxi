@@ -170,38 +170,39 @@ cdef class StreamHandle:
 
     cdef pause_protocol(self):
         cdef Conn *c = self.conn()
-        cdef bint enter
         if self.protocol_paused:
             return
         self.protocol_paused = True
         if c is not NULL:
             c.flags |= C_WRITE_PAUSED
-        # write() may come from any task or another stream's callback: the protocol hears
-        # about its own stream in its own context.
-        context = self.context
-        enter = current_thread_state().context != <PyObject *>context
-        if enter:
-            PyContext_Enter(context)
-        try:
-            self.protocol.pause_writing()
-        except (SystemExit, KeyboardInterrupt):
-            raise
-        except BaseException as exc:
-            self.report(exc, "protocol.pause_writing() failed")
-        finally:
-            if enter:
-                PyContext_Exit(context)
+        self.tell_flow(True)
 
     cdef resume_protocol(self):
         if not self.protocol_paused:
             return
         self.protocol_paused = False
+        self.tell_flow(False)
+
+    cdef tell_flow(self, bint pause):
+        """pause_writing() or resume_writing(), in the stream's own context: write() and
+        close() may come from any task or another stream's callback."""
+        cdef bint enter
+        context = self.context
+        enter = current_thread_state().context != <PyObject *>context
+        if enter:
+            PyContext_Enter(context)
         try:
-            self.protocol.resume_writing()
+            if pause:
+                self.protocol.pause_writing()
+            else:
+                self.protocol.resume_writing()
         except (SystemExit, KeyboardInterrupt):
             raise
         except BaseException as exc:
-            self.report(exc, "protocol.resume_writing() failed")
+            self.report(exc, f"protocol.{'pause' if pause else 'resume'}_writing() failed")
+        finally:
+            if enter:
+                PyContext_Exit(context)
 
     cdef write_eof(self):
         cdef Conn *c
@@ -421,6 +422,15 @@ cdef class StreamHandle:
         if c is not NULL and c.flags & C_LOST:
             self.force_close(None, False)  # it failed in this batch: that is what it reports
             return
+        if c is not NULL and self.protocol_paused and not (c.flags & C_WRITE_PAUSED):
+            # This iteration's nogil pass drained the buffer under the low-water mark and the
+            # resume_writing() it owes is still in the batch.  asyncio flushes in a callback,
+            # so there the protocol hears it before this close(), and may write its last
+            # bytes then (a TLS close_notify): so here too.
+            self.resume_protocol()
+            if self.closing:
+                return
+            c = self.conn()
         self.closing = True
         if c is NULL:
             return
@@ -434,7 +444,11 @@ cdef class StreamHandle:
             self.force_close(_errno_exception(errno), True)
 
     cdef flushed_after_close(self):
-        """The output queued before close() is out."""
+        """The output queued before close() is out; unless more was written since (asyncio
+        takes writes until the flush ends), which the next drain ends with."""
+        cdef Conn *c = self.conn()
+        if c is not NULL and c.out is not NULL:
+            return
         self.end(True, False)
         self.call_connection_lost(None)
 
