@@ -10,11 +10,19 @@ from kqfast._core import (
     Transport,
     listen,
 )
-from kqfast.loop import EventLoopPolicy, Loop, new_event_loop, run
+from kqfast.loop import Loop, new_event_loop, run
 from kqfast.server import Server, serve
 from kqfast.tutorial import EventLoop
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name == "EventLoopPolicy":  # made on first use: see kqfast.loop
+        from kqfast import loop
+        return loop.event_loop_policy(stacklevel=2)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "BACKEND", "ECHO", "LINE_ECHO", "EventLoop", "EventLoopPolicy", "LineProtocol", "Loop",

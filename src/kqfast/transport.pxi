@@ -83,6 +83,13 @@ class Transport(_aio_transports._FlowControlMixin):
     def _low_water(self):
         return handle_of(self).write_buffer_limits()[0]
 
+    @property
+    def _paused(self):
+        """asyncio's selector transports' reading-paused flag, which code reads (CPython's
+        own test_server_context among it)."""
+        cdef Conn *c = handle_of(self).conn()
+        return c is not NULL and bool(c.flags & C_READ_PAUSED)
+
     def is_closing(self):
         return bool(handle_of(self).closing)
 
@@ -120,15 +127,17 @@ cdef inline StreamHandle handle_of(transport):
     return <StreamHandle>h
 
 
-cdef StreamHandle new_handle(Reactor R, int fd, protocol, server, dict extra):
-    """The handle of a stream just entered in the table, owned by the table from now on.
-    Its asyncio Server counts it first: should that raise, the table has taken nothing."""
+cdef StreamHandle new_handle(Reactor R, int fd, protocol, server, dict extra, context):
+    """The handle of a stream just entered in the table, owned by the table from now on; its
+    callbacks run in context.  Its asyncio Server counts it first: should that raise, the
+    table has taken nothing."""
     cdef StreamHandle h = StreamHandle.__new__(StreamHandle)
     cdef Conn *c
     t = Transport.__new__(Transport)
     t._h = h
     h.transport = t
     h.reactor, h.fd, h.server, h.extra = R, fd, server, extra
+    h.context = context
     if server is not None:
         if _ATTACH_TAKES_TRANSPORT:
             server._attach(t)
@@ -146,18 +155,29 @@ cdef StreamHandle new_handle(Reactor R, int fd, protocol, server, dict extra):
 
 
 cdef made(Reactor R, Record *r):
-    """A stream accepted in C: its source's protocol, then connection_made()."""
+    """A stream accepted in C: its source's protocol, then connection_made(), both in the
+    stream's own copy of the server's context."""
     cdef LoopCore *L = &R.core
     cdef Source source = None
-    cdef StreamHandle h
     if L.conns[r.origin].gen == r.origin_gen:
         source = R.sources.get(r.origin)
     if source is None:  # its listener was removed since (see Reactor.remove_listener)
         close_now(L, r.fd, True)
         return
+    context = PyContext_Copy(source.context)
+    PyContext_Enter(context)
+    try:
+        start_made(R, r, source, context)
+    finally:
+        PyContext_Exit(context)
+
+
+cdef start_made(Reactor R, Record *r, Source source, context):
+    cdef LoopCore *L = &R.core
+    cdef StreamHandle h
     try:
         protocol = source.protocol_factory()
-        h = new_handle(R, r.fd, protocol, source.server, None)
+        h = new_handle(R, r.fd, protocol, source.server, None, context)
     except (SystemExit, KeyboardInterrupt):
         close_now(L, r.fd, True)
         raise
@@ -176,17 +196,20 @@ cdef made(Reactor R, Record *r):
         h.fatal_error(exc, "Fatal error: protocol.connection_made() call failed.")
 
 
-def adopt(Reactor R, sock, protocol, waiter, extra, server):
+def adopt(Reactor R, sock, protocol, waiter, extra, server, context):
     """A socket asyncio connected or accepted becomes a stream of this reactor; as asyncio's
-    transport does, connection_made() runs soon, then reading starts, then waiter is set."""
+    transport does, connection_made() runs soon, then reading starts, then waiter is set.
+    The stream's callbacks run in context (None: a copy of the current one)."""
     cdef int fd = sock.fileno()
     cdef StreamHandle h
     R.check_free(fd)
     if sock.family != AF_UNIX:
         kq_prepare_accepted(fd, 1)  # TCP_NODELAY, as asyncio sets it
     open_conn(&R.core, fd, C_PY)
+    if context is None:
+        context = PyContext_CopyCurrent()
     try:
-        h = new_handle(R, fd, protocol, server, dict(extra) if extra else None)
+        h = new_handle(R, fd, protocol, server, dict(extra) if extra else None, context)
     except BaseException:
         # (A closed server's assertion, say.)  The socket stays its owner's, who closes it:
         # the table forgets the fd, or its number would stay "in use" after.
@@ -196,7 +219,7 @@ def adopt(Reactor R, sock, protocol, waiter, extra, server):
     h.sock = sock
     h.get_extra_info("sockname", None)  # asyncio's transports learn their names at once
     h.get_extra_info("peername", None)
-    R.loop.call_soon(_start_adopted, h, waiter)
+    R.loop.call_soon(_start_adopted, h, waiter, context=context)
     return h.transport
 
 
