@@ -458,6 +458,49 @@ def test_05_abort_in_get_buffer_never_reads_a_socket_that_took_its_number():
         loop.close()
 
 
+@pytest.fixture(scope="module")
+def tls_server_context():
+    import ssl
+    import trustme
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    trustme.CA().issue_cert("localhost").configure_cert(context)
+    return context
+
+
+def test_05_sibling_a_transport_that_cannot_be_made_leaves_its_fd_number_free(
+        tls_server_context):
+    """A TLS server (accepted by asyncio's own code, which adopts the socket) is closed by
+    its protocol factory: making the transport fails in Server._attach, as on asyncio, which
+    closes the socket; its fd number, free again, serves the next socket (4812ccd: "fd ... is
+    already in use by this loop")."""
+    loop = kqfast.new_event_loop()
+    servers = []
+
+    def closing_factory():
+        servers[0].close()
+        return asyncio.Protocol()
+
+    async def read_to_end(sock):
+        while await loop.sock_recv(sock, 1024):
+            pass
+
+    try:
+        server = loop.run_until_complete(loop.create_server(
+            closing_factory, "127.0.0.1", 0, ssl=tls_server_context))
+        servers.append(server)
+        with socket.create_connection(server.sockets[0].getsockname(), timeout=5) as client:
+            client.setblocking(False)
+            loop.run_until_complete(asyncio.wait_for(read_to_end(client), 5))
+        a, b = socket.socketpair()  # the lowest free numbers: the failed transport's first
+        with b:
+            transport, _ = loop.run_until_complete(
+                loop.create_connection(asyncio.Protocol, sock=a))
+            transport.close()
+            loop.run_until_complete(asyncio.sleep(0))
+    finally:
+        loop.close()
+
+
 # ---- 6. the fd table follows the fd limit -------------------------------------------------
 
 RAISED_LIMIT = CHILD_PRELUDE + """
