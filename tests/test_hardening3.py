@@ -331,6 +331,17 @@ def test_03_a_child_closing_its_inherited_loop_leaves_the_parent_serving():
 
 # ---- 4, 5. get_buffer(): a bad buffer, and abort() with the fd reused --------------------
 
+def send_to_one(loop, protocol_factory, data: bytes, lost):
+    """Serves protocol_factory on loop, sends data from one client, and returns the result of
+    lost (which the protocol sets when its connection is lost)."""
+    server = loop.run_until_complete(loop.create_server(protocol_factory, "127.0.0.1", 0))
+    with socket.create_connection(server.sockets[0].getsockname(), timeout=5) as client:
+        client.sendall(data)
+        result = loop.run_until_complete(asyncio.wait_for(lost, 5))
+    server.close()
+    return result
+
+
 @pytest.mark.parametrize("factory", LOOPS)
 @pytest.mark.parametrize("bad", ["read-only", "non-contiguous"])
 def test_04_a_bad_get_buffer_fails_its_connection_only(factory, bad):
@@ -353,14 +364,10 @@ def test_04_a_bad_get_buffer_fails_its_connection_only(factory, bad):
             lost.set_result(exc)
 
     try:
-        server = loop.run_until_complete(loop.create_server(Bad, "127.0.0.1", 0))
-        with socket.create_connection(server.sockets[0].getsockname(), timeout=5) as client:
-            client.sendall(b"data")
-            exc = loop.run_until_complete(asyncio.wait_for(lost, 5))
+        exc = send_to_one(loop, Bad, b"data", lost)
         assert isinstance(exc, (TypeError, BufferError)), exc
         assert [r["message"] for r in reports] == ["Fatal read error on socket transport"]
         assert loop.run_until_complete(asyncio.sleep(0, "goes on")) == "goes on"
-        server.close()
     finally:
         loop.close()
 
@@ -443,15 +450,11 @@ def test_05_abort_in_get_buffer_never_reads_a_socket_that_took_its_number():
             lost.set_result(self)
 
     try:
-        server = loop.run_until_complete(loop.create_server(Aborting, "127.0.0.1", 0))
-        with socket.create_connection(server.sockets[0].getsockname(), timeout=5) as client:
-            client.sendall(b"x")
-            protocol = loop.run_until_complete(asyncio.wait_for(lost, 5))
+        protocol = send_to_one(loop, Aborting, b"x", lost)
         assert pair[0].fileno() == protocol.fd  # the number was reused, as the test needs
         assert updated == []
         pair[0].settimeout(5)
         assert pair[0].recv(100) == b"not yours"
-        server.close()
     finally:
         for sock in pair:
             sock.close()
