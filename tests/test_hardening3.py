@@ -329,6 +329,34 @@ def test_03_a_child_closing_its_inherited_loop_leaves_the_parent_serving():
                                         "CLOSE b''"], (done.stdout, done.stderr[-2000:])
 
 
+FORKED_SERVER_STOP = CHILD_PRELUDE + """
+path = sys.argv[1]
+server = kqfast.Server(kqfast.ECHO, host=path).start()
+pid = os.fork()
+if pid == 0:
+    server.stop()
+    os._exit(0)
+_, status = os.waitpid(pid, 0)
+print("CHILD", os.waitstatus_to_exitcode(status), flush=True)
+try:
+    with socket.socket(socket.AF_UNIX) as client:
+        client.settimeout(5)
+        client.connect(path)
+        client.sendall(b"still here")
+        print("ECHO", client.recv(100), flush=True)
+finally:
+    server.stop()
+"""
+
+
+def test_03_sibling_a_child_stopping_its_copy_of_a_server_leaves_the_parent_serving(tmp_path):
+    """A kqfast.Server on a Unix path, started, then a fork whose child calls stop(): the
+    parent's socket file stays and it still serves (4812ccd: the child unlinked the file)."""
+    done = run_child(FORKED_SERVER_STOP, str(tmp_path / "echo.sock"))
+    assert done.stdout.splitlines() == ["CHILD 0", "ECHO b'still here'"], (
+        done.stdout, done.stderr[-2000:])
+
+
 # ---- 4, 5. get_buffer(): a bad buffer, and abort() with the fd reused --------------------
 
 def send_to_one(loop, protocol_factory, data: bytes, lost):

@@ -437,11 +437,11 @@ cdef class Reactor:
 
     cdef teardown(self, old_wakeup):
         cdef LoopCore *L = &self.core
-        cdef int fd
         L.stopping = 1
         self.release_sources()
         end_all(L)
-        self.run_calls()
+        if not L.inherited:
+            self.run_calls()  # (a forked child's copies are its parent's requests)
         if L.reserve_fd >= 0:
             c_close(L.reserve_fd)
             L.reserve_fd = -1

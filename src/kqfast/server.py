@@ -310,9 +310,10 @@ class Server:
         for loop in self._loops:
             if not loop.is_closed() and not loop.is_running():
                 _finish(loop)
-        if self._unix_path is not None:
+        # (A forked child's copy of a server leaves its parent's socket file alone.)
+        if self._unix_path is not None and not self._reactors[0].inherited:
             _unlink_own_socket(self._unix_path, self._unix_inode)
-            self._unix_path = None
+        self._unix_path = None
 
 
 def _finish(loop: Loop) -> None:
