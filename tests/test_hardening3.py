@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 import warnings
+import weakref
 
 import pytest
 
@@ -582,11 +583,12 @@ def test_06_fds_above_the_limit_at_creation_are_served_once_it_is_raised():
 
 def test_07_dropped_loops_with_open_streams_leave_no_fd_behind():
     """50 loops dropped without close(), each with a server and an open stream: the garbage
-    collector frees them all, the streams end with a FIN, and no fd is left (4812ccd: 250
-    fds and every loop's memory stayed)."""
+    collector frees them all (their reactors, and with them the memory, are gone), the
+    streams end with a FIN, and no fd is left (4812ccd: 250 fds and every loop's memory
+    stayed)."""
     gc.collect()
     before = open_fds()
-    clients = []
+    clients, dropped = [], []
 
     class Quiet(asyncio.Protocol):
         pass
@@ -600,8 +602,10 @@ def test_07_dropped_loops_with_open_streams_leave_no_fd_behind():
             loop.run_until_complete(asyncio.wait_for(
                 _until(lambda: loop._reactor.stats()["connections_current"] == 1), 5))
             clients.append(client)
+            dropped.append(weakref.ref(loop._reactor))
         del loop, server
         gc.collect()
+    assert [ref for ref in dropped if ref() is not None] == []
     try:
         for client in clients:
             assert recv_until_closed(client) == (b"", "eof")
