@@ -14,7 +14,7 @@ from kqfast.loop import EventLoopPolicy, Loop, new_event_loop, run
 from kqfast.server import Server, serve
 from kqfast.tutorial import EventLoop
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 
 __all__ = [
     "BACKEND", "ECHO", "LINE_ECHO", "EventLoop", "EventLoopPolicy", "LineProtocol", "Loop",
