@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import kqfast
-from kqfast.server import default_max_connections
+from kqfast._server import default_max_connections
 from support import (
     LineReader, connect_refused, connect_to, echo_through, recv_exactly, recv_until_closed,
     roundtrip, run_echo,

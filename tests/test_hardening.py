@@ -315,7 +315,7 @@ def test_09_unix_socket_file_goes_with_the_server_and_a_stale_one_is_replaced(tm
 def test_09_two_workers_on_a_unix_path_share_it(tmp_path, handler):
     """--workers 2 on a Unix path: one listener, hand-off to the other loop (a1341b0:
     EADDRINUSE)."""
-    from kqfast.echo import EchoProtocol
+    from kqfast._echo import EchoProtocol
     path = str(tmp_path / "kq.sock")
     server = kqfast.Server(EchoProtocol if handler == "python" else handler, host=path,
                            workers=2).start()

@@ -70,11 +70,6 @@ class Socket:
         /,
     ) -> None: ...
 
-def listen(
-    host: str = "127.0.0.1", port: int = 8080, backlog: int = 1024, *, reuse_port: bool = False
-) -> Socket:
-    """Binds and listens on an IPv4/IPv6 address, a name or a Unix path (a host with "/")."""
-
 def _listen_fd(host: str, port: int, backlog: int, reuse_port: bool) -> tuple[int, int]: ...
 
 class LineProtocol(asyncio.Protocol):

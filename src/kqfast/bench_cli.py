@@ -10,7 +10,7 @@ import sys
 import time
 
 from kqfast._bench import LoadClient
-from kqfast.argtypes import count, seconds
+from kqfast._argtypes import count, seconds
 
 # The stderr lines that bracket the measured window (bench/run.py reads the server's CPU then).
 MEASURING = "kqfast-bench: measuring"

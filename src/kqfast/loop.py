@@ -8,9 +8,12 @@ standard library's own code, running unchanged."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import signal
 import sys
 import threading
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 from asyncio import sslproto
 from asyncio.runners import _cancel_all_tasks  # type: ignore[attr-defined]  # asyncio.run's own
 
@@ -18,9 +21,29 @@ from kqfast import _core
 
 __all__ = ["Loop", "new_event_loop", "run", "EventLoopPolicy"]
 
+_T = TypeVar("_T")
+
 
 class Loop(asyncio.SelectorEventLoop):
-    """An asyncio event loop on kqfast's core (asyncio.AbstractEventLoop in full)."""
+    """kqfast's asyncio event loop: asyncio.AbstractEventLoop in full, with TCP and Unix
+    stream I/O (accept, read, write, EOF, write buffering) run by kqfast's core in C without
+    the GIL, and protocol callbacks batched under one GIL acquisition per wake.  Everything
+    else (timers, tasks, executors, signals, subprocesses, datagrams, TLS) is the standard
+    library's own code, so asyncio programs run unchanged.
+
+    Ways to use it, most common first:
+
+        kqfast.run(main())                                   # like asyncio.run / uvloop.run
+        asyncio.run(main(), loop_factory=kqfast.new_event_loop)       # Python 3.12+
+        with asyncio.Runner(loop_factory=kqfast.new_event_loop) as runner:   # 3.11+
+            runner.run(main())
+        uvicorn app:app --loop kqfast:new_event_loop         # uvicorn 0.36 or later
+        loop = kqfast.Loop()                                 # by hand, as any event loop:
+        loop.run_until_complete(main()); loop.close()
+
+    A transport belongs to the loop's thread: called from another thread it raises
+    RuntimeError (use loop.call_soon_threadsafe).  Not to be confused with kqfast.EventLoop,
+    the tutorial's poller over a kqfast.Socket."""
 
     def __init__(self) -> None:
         self._reactor = _core.Reactor()
@@ -124,26 +147,51 @@ class Loop(asyncio.SelectorEventLoop):
 
 
 def new_event_loop() -> Loop:
-    """A new kqfast.Loop (the factory for asyncio.Runner, asyncio.run and uvicorn)."""
+    """A new kqfast.Loop: the loop factory to hand to asyncio.run, asyncio.Runner and uvicorn
+    (--loop kqfast:new_event_loop)."""
     return Loop()
 
 
 class EventLoopPolicy(asyncio.DefaultEventLoopPolicy):
-    """An event loop policy whose loops are kqfast.Loop."""
+    """An event loop policy whose loops are kqfast.Loop, for code that still sets policies
+    (asyncio.set_event_loop_policy(kqfast.EventLoopPolicy())); new code passes
+    kqfast.new_event_loop as a loop factory instead."""
 
     _loop_factory = Loop
 
 
-def run(main, *, debug=None):
-    """Runs the coroutine main on a new kqfast.Loop and closes it, as asyncio.run does."""
+def run(main: Coroutine[Any, Any, _T], *, debug: bool | None = None, **run_kwargs: Any) -> _T:
+    """Runs the coroutine main on a new kqfast.Loop and returns its result: asyncio.run, with
+    kqfast's loop as the loop factory, as uvloop.run is uvloop's.
+
+        async def main(): ...
+        kqfast.run(main())
+
+    debug is asyncio.run's; any other keyword goes to asyncio.run (3.12+) or asyncio.Runner
+    (3.11) as it is, so what those take on this Python works here too (Python 3.10's
+    asyncio.run takes debug only).  The loop is always kqfast's: for another factory, call
+    asyncio.run itself."""
+    awaitables = sys.version_info >= (3, 14)  # asyncio.run takes any awaitable from 3.14 on
+    if awaitables and not inspect.isawaitable(main):
+        raise TypeError(f"main must be a coroutine or an awaitable, not {main!r}")
+    if not awaitables and not asyncio.iscoroutine(main):
+        raise ValueError(f"main must be a coroutine, not {main!r}")  # asyncio.run's type
+    if debug is not None and not isinstance(debug, bool):
+        raise TypeError(f"debug must be None, True or False, not {debug!r}")
+    if "loop_factory" in run_kwargs:
+        raise TypeError("kqfast.run() always runs kqfast's loop: for another loop_factory, "
+                        "call asyncio.run(main, loop_factory=...)")
+    if sys.version_info >= (3, 12):
+        return asyncio.run(main, debug=debug, loop_factory=new_event_loop, **run_kwargs)
     if sys.version_info >= (3, 11):
-        with asyncio.Runner(loop_factory=new_event_loop, debug=debug) as runner:
+        with asyncio.Runner(loop_factory=new_event_loop, debug=debug, **run_kwargs) as runner:
             return runner.run(main)
+    if run_kwargs:
+        raise TypeError(f"kqfast.run() got {', '.join(map(repr, run_kwargs))}: asyncio.run of "
+                        f"Python {sys.version_info[0]}.{sys.version_info[1]} takes debug only")
     # asyncio.run of Python 3.9 and 3.10, on kqfast's loop.
     if asyncio.events._get_running_loop() is not None:
         raise RuntimeError("kqfast.run() cannot be called from a running event loop")
-    if not asyncio.iscoroutine(main):
-        raise ValueError(f"a coroutine was expected, got {main!r}")
     loop = new_event_loop()
     try:
         asyncio.set_event_loop(loop)
