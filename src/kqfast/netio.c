@@ -151,7 +151,29 @@ int kq_read_fd(int pipe_fd) {
 
 int kq_open_reserve(void) { return open("/dev/null", O_RDONLY | O_CLOEXEC); }
 
+static int connect_unix(const char *path) {
+    struct sockaddr_un sa;
+    memset(&sa, 0, sizeof(sa));
+    sa.sun_family = AF_UNIX;
+    if (strlen(path) >= sizeof(sa.sun_path)) {
+        errno = ENAMETOOLONG;
+        return -1;
+    }
+    strcpy(sa.sun_path, path);
+    int fd = new_socket(AF_UNIX);
+    if (fd < 0) return -1;
+    /* A Unix connect completes at once or fails; EAGAIN is a full backlog, a failure here. */
+    if (kq_prepare_accepted(fd, 0) < 0 || connect(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0) {
+        int saved = errno;
+        close(fd);
+        errno = saved;
+        return -1;
+    }
+    return fd;
+}
+
 int kq_connect(const char *host, int port) {
+    if (strchr(host, '/') != NULL) return connect_unix(host);
     struct addrinfo hints, *res;
     char service[16];
     memset(&hints, 0, sizeof(hints));
