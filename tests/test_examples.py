@@ -39,6 +39,7 @@ class Example:
             _, rest = self.proc.communicate()
             pytest.fail(f"{script} did not start: {line}{rest}")
         self.address = (match["host"], int(match["port"]))
+        self.ready_line = line
 
     def connect(self) -> socket.socket:
         return socket.create_connection(self.address, timeout=10)
@@ -93,10 +94,18 @@ def read_to_eof(sock: socket.socket, timeout: float = 10.0) -> bytes:
 
 @pytest.mark.parametrize("args", [(), ("--python",)], ids=["native", "python"])
 def test_echo(example, args):
+    """Native and --python alike: lines echoed, a blank line closes (after what is owed), a
+    last line without a newline is echoed at EOF."""
     server = example("echo.py", *args)
     with server.connect() as sock:
         sock.sendall(b"hello\nworld\n")
         assert read_until(sock, b"world\n") == b"hello\nworld\n"
+        sock.sendall(b"last\n\nnever\n")
+        assert read_to_eof(sock) == b"last\n"
+    with server.connect() as sock:
+        sock.sendall(b"partial")
+        sock.shutdown(socket.SHUT_WR)
+        assert read_to_eof(sock) == b"partial"
     assert server.interrupt() == 0
 
 
@@ -118,8 +127,11 @@ def test_chat_broadcasts_every_line_to_every_client(example):
 
 
 @pytest.mark.parametrize("loop", ["asyncio", "kqfast"])
-def test_asyncio_port_runs_the_same_protocol_on_both_loops(example, loop):
+def test_asyncio_port_runs_the_same_program_on_both_loops(example, loop):
+    """The same asyncio program through asyncio.run and kqfast.run: the loop that serves is
+    the one asked for, and it behaves the same."""
     server = example("asyncio_port.py", loop)
+    assert server.ready_line.rstrip().endswith(f"(loop={loop})")
     with server.connect() as sock:
         sock.sendall(b"one\ntwo\n")
         assert read_until(sock, b"TWO\n") == b"ONE\nTWO\n"

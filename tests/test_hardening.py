@@ -526,6 +526,58 @@ def test_15_handler_errors_are_counted_and_logged_with_the_peer(caplog):
         server.stop()
 
 
+class _RaisesAfterReplying(asyncio.Protocol):
+    """Replies to the first data, then raises in the same callback."""
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def data_received(self, data):
+        self.transport.write(b"reply\n")
+        raise ValueError("handler bug")
+
+
+def _first_reply_then_how_it_ended(address) -> tuple[bytes, str]:
+    with connect_to(address) as client:
+        client.sendall(b"x")
+        return recv_until_closed(client)
+
+
+def test_15_a_handler_that_raises_closes_its_client_as_asyncio_does(caplog):
+    """asyncio's transport closes (FIN) the connection of a callback that raised; so does
+    kqfast.Server's, after sending what the socket took: never a reset."""
+    async def on_asyncio():
+        server = await asyncio.get_running_loop().create_server(
+            _RaisesAfterReplying, "127.0.0.1", 0)
+        address = server.sockets[0].getsockname()
+        async with server:
+            return await asyncio.to_thread(_first_reply_then_how_it_ended, address)
+
+    oracle = asyncio.run(on_asyncio())
+    server = kqfast.Server(_RaisesAfterReplying, port=0).start()
+    try:
+        assert _first_reply_then_how_it_ended(server.address) == oracle == (b"reply\n", "eof")
+    finally:
+        server.stop()
+
+
+def test_15_a_protocol_factory_that_raises_is_logged_with_the_peer(caplog):
+    def factory():
+        raise RuntimeError("factory bug")
+
+    server = kqfast.Server(factory, port=0).start()
+    try:
+        with connect_to(server) as client:
+            peer = client.getsockname()
+            recv_until_closed(client)
+        assert wait_until(lambda: server.stats()["handler_errors"] == 1)
+        record = next(r for r in caplog.records if r.name == "kqfast" and r.exc_info)
+        assert f"(peer {peer})" in record.getMessage()
+        assert "factory bug" in str(record.exc_info[1])
+    finally:
+        server.stop()
+
+
 def test_15_buffered_protocol_on_server():
     """asyncio.BufferedProtocol works on kqfast.Server (a1341b0 failed it per connection)."""
 

@@ -384,7 +384,8 @@ class Server:
         transport has closed that connection only."""
         self._handler_errors += 1
         transport = context.get("transport")
-        peer = transport.get_extra_info("peername") if transport is not None else None
+        peer = (transport.get_extra_info("peername") if transport is not None else
+                context.get("peername"))
         _log.error("kqfast: %s (peer %s); closing its connection", context.get("message"), peer,
                    exc_info=context.get("exception"))
 

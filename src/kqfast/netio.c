@@ -9,8 +9,12 @@
 #include <netinet/tcp.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/un.h>
+#ifdef __linux__
+#include <linux/sockios.h>
+#endif
 #include <time.h>
 #include <unistd.h>
 
@@ -203,4 +207,21 @@ int kq_socket_error(int fd) {
     socklen_t len = sizeof(err);
     if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0) return errno;
     return err;
+}
+
+int kq_socket_quiet(int fd) {
+    int unread = 0, unacknowledged = 0;
+    if (ioctl(fd, FIONREAD, &unread) < 0 || unread != 0) return 0;
+#if defined(__linux__)
+    /* TCP: bytes sent and not yet acknowledged, or not yet sent; Unix: not yet read. */
+    if (ioctl(fd, SIOCOUTQ, &unacknowledged) < 0) return 0;
+#elif defined(__APPLE__)
+    socklen_t len = sizeof(unacknowledged);
+    if (getsockopt(fd, SOL_SOCKET, SO_NWRITE, &unacknowledged, &len) < 0) return 0;
+#elif defined(FIONWRITE)
+    if (ioctl(fd, FIONWRITE, &unacknowledged) < 0) return 0;
+#else
+    return 0; /* cannot tell: the caller closes as if something were still owed */
+#endif
+    return unacknowledged == 0;
 }

@@ -24,6 +24,10 @@ int kq_listen(const char *host, int port, int backlog, int reuse_port, int *fami
 int kq_connect(const char *host, int port);
 /* The pending error of a socket (SO_ERROR), cleared by the call; 0 when there is none. */
 int kq_socket_error(int fd);
+/* 1 when the kernel holds nothing of a connection either way: no input unread, no output
+ * unsent or unacknowledged.  Closing it then loses nothing and cannot reset it.  0 otherwise,
+ * or where the kernel cannot tell. */
+int kq_socket_quiet(int fd);
 /* Accepts one connection as a non-blocking, close-on-exec fd; -1 with errno as accept(2). */
 int kq_accept(int listen_fd);
 /* TCP_NODELAY for TCP, SO_NOSIGPIPE where it exists. */

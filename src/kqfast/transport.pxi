@@ -160,11 +160,13 @@ cdef made(Reactor R, Record *r):
         close_now(L, r.fd, True)
         raise
     except BaseException as exc:
+        context = {"message": "Error on transport creation for incoming connection",
+                   "exception": exc}
+        if source.served:  # kqfast.Server logs the peer (asyncio's context has none)
+            context["peername"] = _peername(r.fd)
         close_now(L, r.fd, True)
         if source.served or R.loop.get_debug():
-            R.loop.call_exception_handler({
-                "message": "Error on transport creation for incoming connection",
-                "exception": exc})
+            R.loop.call_exception_handler(context)
         return
     h = new_handle(R, r.fd, protocol, source.server, None)
     try:
@@ -173,6 +175,17 @@ cdef made(Reactor R, Record *r):
         raise
     except BaseException as exc:
         h.fatal_error(exc, "Fatal error: protocol.connection_made() call failed.")
+
+
+cdef object _peername(int fd):
+    """The peer's address of a stream that has no socket object (yet), or None."""
+    sock = _socket.socket(fileno=fd)
+    try:
+        return sock.getpeername()
+    except OSError:
+        return None
+    finally:
+        sock.detach()
 
 
 def adopt(Reactor R, sock, protocol, waiter, extra, server):
