@@ -40,8 +40,9 @@ def main(argv: list[str] | None = None) -> int:
 
     handler = LineEcho if args.python else kqfast.LINE_ECHO
     server = kqfast.Server(handler, args.host, args.port)
-    host, port = server.address
-    print(f"echo: listening on {host}:{port} (backend={kqfast.BACKEND})",
+    address = server.address  # (host, port), or the path of a Unix socket
+    where = address if isinstance(address, str) else f"{address[0]}:{address[1]}"
+    print(f"echo: listening on {where} (backend={kqfast.BACKEND})",
           file=sys.stderr, flush=True)
     try:
         server.serve_forever()  # Ctrl-C stops it cleanly, then raises KeyboardInterrupt

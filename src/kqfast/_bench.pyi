@@ -1,6 +1,6 @@
 # Type stubs for kqfast-bench's load generator (bench_client.pyx).
 # Keep them true: `python -m mypy.stubtest kqfast._bench` compares them with the built module.
-from typing_extensions import disjoint_base
+from typing_extensions import Self, disjoint_base
 
 ERROR_KINDS: tuple[str, ...]
 """The kinds LoadClient.errors counts: connect, mismatch, closed, io."""
@@ -10,7 +10,7 @@ class LoadClient:
     """Connections to one echo server, each keeping `pipeline` messages of `size` bytes in
     flight; run() drives them without the GIL."""
 
-    def __init__(self, host: str, port: int, connections: int, size: int, pipeline: int) -> None: ...
+    def __new__(cls, host: str, port: int, connections: int, size: int, pipeline: int) -> Self: ...
     def run(self, seconds: float) -> None: ...
     def drain(self, seconds: float) -> int: ...
     def close(self) -> None: ...

@@ -2,10 +2,11 @@
 # transport.pxi, dispatch.pxi, aio.pxi).
 # Keep them true: `python -m mypy.stubtest kqfast._core` compares them with the built module.
 import asyncio
+import contextvars
 import selectors
 import socket
 from asyncio import transports
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from types import TracebackType
 from typing import Any, Literal, final
 
@@ -134,6 +135,8 @@ class Reactor:
     loops and every kqfast.Loop are built on one)."""
 
     thread_id: int
+    closed: bool
+    debug: bool
     @property
     def io_handle(self) -> asyncio.Handle: ...
     @property
@@ -186,6 +189,36 @@ def monotonic() -> float:
 
 def run_once(self: asyncio.AbstractEventLoop) -> None:
     """One iteration of kqfast.Loop: asyncio's _run_once with the core's pass."""
+
+# kqfast.Loop's methods of these names (asyncio's signatures; type checkers see asyncio's).
+def call_soon(
+    self: asyncio.AbstractEventLoop,
+    callback: Callable[..., object],
+    *args: Any,
+    context: contextvars.Context | None = None,
+) -> asyncio.Handle: ...
+def call_at(
+    self: asyncio.AbstractEventLoop,
+    when: float,
+    callback: Callable[..., object],
+    *args: Any,
+    context: contextvars.Context | None = None,
+) -> asyncio.TimerHandle: ...
+def call_later(
+    self: asyncio.AbstractEventLoop,
+    delay: float,
+    callback: Callable[..., object],
+    *args: Any,
+    context: contextvars.Context | None = None,
+) -> asyncio.TimerHandle: ...
+def create_future(self: asyncio.AbstractEventLoop) -> asyncio.Future[Any]: ...
+def create_task(
+    self: asyncio.AbstractEventLoop,
+    coro: Coroutine[Any, Any, Any],
+    *,
+    name: object = None,
+    **context: Any,
+) -> asyncio.Task[Any]: ...
 
 def adopt(
     R: Reactor,

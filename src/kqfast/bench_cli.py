@@ -8,6 +8,7 @@ import resource
 import socket
 import sys
 import time
+from typing import Any
 
 from kqfast import __version__
 from kqfast._addresses import address_text
@@ -125,8 +126,9 @@ def measure(client: LoadClient, duration: float) -> tuple[float, float, float]:
     return elapsed, user1 - user0, sys1 - sys0
 
 
-def report(args, connected: int, client: LoadClient, elapsed: float, user: float,
-           system: float) -> dict:
+def report(args: argparse.Namespace, connected: int, client: LoadClient, elapsed: float,
+           user: float, system: float) -> dict[str, Any]:
+    """The run's report, as --json prints it."""
     requests = client.requests
     per_request = (lambda seconds: seconds * 1e6 / requests) if requests else (lambda s: None)
     errors = client.errors
@@ -152,7 +154,8 @@ def report(args, connected: int, client: LoadClient, elapsed: float, user: float
     }
 
 
-def print_summary(r: dict) -> None:
+def print_summary(r: dict[str, Any]) -> None:
+    """The report for people."""
     lat, cpu = r["latency_us"], r["client_cpu"]
     print(f"kqfast-bench {r['target']}: {r['connected']}/{r['connections']} connections, "
           f"{r['size']} B messages, pipeline {r['pipeline']}, {r['duration']:.2f} s")

@@ -13,7 +13,7 @@ import signal
 import sys
 import threading
 from collections.abc import Coroutine
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from asyncio import sslproto
 from asyncio.runners import _cancel_all_tasks  # type: ignore[attr-defined]  # asyncio.run's own
 
@@ -52,12 +52,14 @@ class Loop(asyncio.SelectorEventLoop):
 
     # In C: the iteration (asyncio's _run_once plus the core's pass), the handles of
     # call_soon, call_at and call_later (made directly), create_future and create_task.
+    # Type checkers see asyncio's own signatures for them, which these take as they are.
     _run_once = _core.run_once
-    call_soon = _core.call_soon
-    call_at = _core.call_at
-    call_later = _core.call_later
-    create_future = _core.create_future
-    create_task = _core.create_task
+    if not TYPE_CHECKING:
+        call_soon = _core.call_soon
+        call_at = _core.call_at
+        call_later = _core.call_later
+        create_future = _core.create_future
+        create_task = _core.create_task
 
     def set_debug(self, enabled: bool) -> None:
         super().set_debug(enabled)
