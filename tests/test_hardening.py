@@ -570,7 +570,9 @@ def test_15_a_protocol_factory_that_raises_is_logged_with_the_peer(caplog):
         with connect_to(server) as client:
             peer = client.getsockname()
             recv_until_closed(client)
-        assert wait_until(lambda: server.stats()["handler_errors"] == 1)
+        # The count goes up just before the line is logged, on the loop's thread.
+        assert wait_until(lambda: any(r.name == "kqfast" for r in caplog.records))
+        assert server.stats()["handler_errors"] == 1
         record = next(r for r in caplog.records if r.name == "kqfast" and r.exc_info)
         assert f"(peer {peer})" in record.getMessage()
         assert "factory bug" in str(record.exc_info[1])
