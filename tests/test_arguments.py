@@ -280,3 +280,17 @@ def test_bench_names_the_bad_argument(args, said):
     done = run_cli(bench_command(*args))
     assert done.returncode == 2
     assert said in done.stderr
+
+
+def test_run_passes_its_other_keywords_to_asyncio():
+    """debug reaches the loop; any other keyword is asyncio.run's (3.12+) or asyncio.Runner's
+    (3.11) to judge, and Python 3.10's asyncio.run takes none."""
+    async def debug_is_on() -> bool:
+        return asyncio.get_running_loop().get_debug()
+
+    assert kqfast.run(debug_is_on(), debug=True) is True
+    coro = answer()
+    expected = "takes debug only" if sys.version_info < (3, 11) else "unexpected keyword"
+    with pytest.raises(TypeError, match=expected):
+        kqfast.run(coro, no_such_option=1)
+    coro.close()

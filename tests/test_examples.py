@@ -92,6 +92,14 @@ def read_to_eof(sock: socket.socket, timeout: float = 10.0) -> bytes:
     return read_until(sock, b"\0never\0", timeout)
 
 
+def last_line_at_eof(server: Example, line: bytes) -> bytes:
+    """Sends a line without its newline, then EOF; returns all the server sent back."""
+    with server.connect() as sock:
+        sock.sendall(line)
+        sock.shutdown(socket.SHUT_WR)
+        return read_to_eof(sock)
+
+
 @pytest.mark.parametrize("args", [(), ("--python",)], ids=["native", "python"])
 def test_echo(example, args):
     """Native and --python alike: lines echoed, a blank line closes (after what is owed), a
@@ -102,10 +110,7 @@ def test_echo(example, args):
         assert read_until(sock, b"world\n") == b"hello\nworld\n"
         sock.sendall(b"last\n\nnever\n")
         assert read_to_eof(sock) == b"last\n"
-    with server.connect() as sock:
-        sock.sendall(b"partial")
-        sock.shutdown(socket.SHUT_WR)
-        assert read_to_eof(sock) == b"partial"
+    assert last_line_at_eof(server, b"partial") == b"partial"
     assert server.interrupt() == 0
 
 
@@ -137,8 +142,5 @@ def test_asyncio_port_runs_the_same_program_on_both_loops(example, loop):
         assert read_until(sock, b"TWO\n") == b"ONE\nTWO\n"
         sock.sendall(b"quit\n")
         assert read_to_eof(sock) == b""
-    with server.connect() as sock:
-        sock.sendall(b"partial")
-        sock.shutdown(socket.SHUT_WR)
-        assert read_to_eof(sock) == b"PARTIAL"
+    assert last_line_at_eof(server, b"partial") == b"PARTIAL"
     assert server.interrupt() == 0

@@ -43,15 +43,21 @@ static int new_socket(int family) {
 #endif
 }
 
-static int listen_unix(const char *path, int backlog) {
-    struct sockaddr_un sa;
-    memset(&sa, 0, sizeof(sa));
-    sa.sun_family = AF_UNIX;
-    if (strlen(path) >= sizeof(sa.sun_path)) {
+/* sa for a Unix socket path; -1 with ENAMETOOLONG when it does not fit. */
+static int unix_address(const char *path, struct sockaddr_un *sa) {
+    memset(sa, 0, sizeof(*sa));
+    sa->sun_family = AF_UNIX;
+    if (strlen(path) >= sizeof(sa->sun_path)) {
         errno = ENAMETOOLONG;
         return -1;
     }
-    strcpy(sa.sun_path, path);
+    strcpy(sa->sun_path, path);
+    return 0;
+}
+
+static int listen_unix(const char *path, int backlog) {
+    struct sockaddr_un sa;
+    if (unix_address(path, &sa) < 0) return -1;
     int fd = new_socket(AF_UNIX);
     if (fd < 0) return -1;
     if (bind(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0 || listen(fd, backlog) < 0) {
@@ -157,13 +163,7 @@ int kq_open_reserve(void) { return open("/dev/null", O_RDONLY | O_CLOEXEC); }
 
 static int connect_unix(const char *path) {
     struct sockaddr_un sa;
-    memset(&sa, 0, sizeof(sa));
-    sa.sun_family = AF_UNIX;
-    if (strlen(path) >= sizeof(sa.sun_path)) {
-        errno = ENAMETOOLONG;
-        return -1;
-    }
-    strcpy(sa.sun_path, path);
+    if (unix_address(path, &sa) < 0) return -1;
     int fd = new_socket(AF_UNIX);
     if (fd < 0) return -1;
     /* A Unix connect completes at once or fails; EAGAIN is a full backlog, a failure here. */
