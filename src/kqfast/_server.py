@@ -12,7 +12,6 @@ import socket
 import stat
 import sys
 import threading
-
 from typing import Any, Callable, Tuple, TypedDict, Union
 
 from kqfast import _arguments
