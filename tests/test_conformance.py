@@ -1,5 +1,5 @@
 """CPython's own event-loop tests, run on kqfast.Loop: test.test_asyncio.test_events'
-UnixEventLoopTestsMixin (streams, servers, sockets, readers and writers, signals, pipes,
+UnixEventLoopTestsMixin (EventLoopTestsMixin from Python 3.14: streams, servers, sockets, readers and writers, signals, pipes,
 datagrams, TLS, timers) and SubprocessTestsMixin, from the running interpreter's standard
 library, with create_event_loop() returning kqfast's loop.  None is left out: the standard
 loop's own tests of its private internals are in other classes of that module."""
@@ -13,7 +13,11 @@ from test.test_asyncio import utils as test_utils
 import kqfast
 
 
-class KqfastLoopTests(test_events.UnixEventLoopTestsMixin,
+# Python 3.14 merged UnixEventLoopTestsMixin into EventLoopTestsMixin.
+LoopTestsMixin = getattr(test_events, "UnixEventLoopTestsMixin", test_events.EventLoopTestsMixin)
+
+
+class KqfastLoopTests(LoopTestsMixin,
                       test_events.SubprocessTestsMixin,
                       test_utils.TestCase):
 

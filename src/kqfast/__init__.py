@@ -18,13 +18,21 @@ from kqfast._core import (
 )
 from kqfast._server import LoopStats, Server, ServerAddress, ServerStats, serve
 from kqfast._tutorial import EventLoop, listen
-from kqfast.loop import EventLoopPolicy, Loop, new_event_loop, run
+from kqfast.loop import Loop, new_event_loop, run
 
 __version__ = "0.2.0.dev0"
 
 TLS_ENGINE = "asyncio SSLProtocol over the core"
 """What runs TLS (ssl=, start_tls) on kqfast.Loop: today asyncio's own SSLProtocol over a
 core stream."""
+
+
+def __getattr__(name: str):
+    if name == "EventLoopPolicy":  # made on first use: see kqfast.loop
+        from kqfast import loop
+        return loop.event_loop_policy(stacklevel=2)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     # The asyncio event loop: what asyncio, uvicorn, aiohttp and websockets code runs on.

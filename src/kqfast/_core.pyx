@@ -1,4 +1,9 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, embedsignature=True
+# cython: freethreading_compatible=True
+# (On free-threaded CPython the GIL stays off: a Reactor and its streams belong to one thread,
+# whose transports refuse any other; what other threads may call, stop() and wake() and
+# call_soon_threadsafe(), goes through atomics and a deque.  Declared, not yet verified: no
+# free-threaded interpreter runs the suite here; the Actions matrix has 3.14t.)
 """kqfast's C core, compiled as one module so the hot path calls across files inline.  In
 the order data flows: the poller and plain sockets, the core's structs and its free
 functions over one LoopCore (core/), the Reactor that runs them, the stream handles and the

@@ -1,10 +1,12 @@
 # What kqfast.Loop (loop.py) takes from C: the selector over a Reactor, through which the
 # standard library's loop watches its own fds (add_reader, pipes, the self-pipe), and the
 # loop iteration itself.  run_once() is asyncio's BaseEventLoop._run_once, rule for rule
-# (the same on Python 3.9 to 3.13), with the core's I/O pass in the place where asyncio
+# (as Python 3.10 to 3.15 have it), with the core's I/O pass in the place where asyncio
 # runs the I/O callbacks: after the callbacks already ready, before the timers due.
 import selectors as _selectors
 from asyncio import base_events as _aio_base_events
+
+from libc.math cimport INFINITY, nextafter
 
 cdef object _heappop = _heapq.heappop
 cdef object _BaseEventLoop = _aio_base_events.BaseEventLoop
@@ -13,9 +15,9 @@ cdef int _MIN_SCHEDULED_TIMER_HANDLES = _aio_base_events._MIN_SCHEDULED_TIMER_HA
 cdef double _MIN_CANCELLED_TIMER_HANDLES_FRACTION = (
     _aio_base_events._MIN_CANCELLED_TIMER_HANDLES_FRACTION)
 cdef double _MAXIMUM_SELECT_TIMEOUT = _aio_base_events.MAXIMUM_SELECT_TIMEOUT
-cdef object _Future = _asyncio.Future
 cdef int _EVENT_READ = _selectors.EVENT_READ
 cdef int _EVENT_WRITE = _selectors.EVENT_WRITE
+cdef bint _END_TIME_ULP = "ulp" in _BaseEventLoop._run_once.__code__.co_names
 
 
 def monotonic():
@@ -70,7 +72,7 @@ cdef int _poller_mask(int events) except -1:
 def run_once(self):
     """One iteration of kqfast.Loop: asyncio's _run_once with the core's pass built in."""
     cdef Reactor R = self._reactor
-    cdef double timeout = -1, end_time
+    cdef double timeout = -1, now, end_time
     cdef Py_ssize_t sched_count, ntodo, i
     ready = self._ready
     scheduled = self._scheduled
@@ -104,9 +106,12 @@ def run_once(self):
     if event_list:
         self._process_events(event_list)
     event_list = None
-    if records_pending(R):
-        ready.append(R.io_handle)
-    end_time = kq_monotonic() + self._clock_resolution
+    now = kq_monotonic()
+    end_time = now + self._clock_resolution
+    if _END_TIME_ULP:
+        # Python 3.15: end_time strictly after now even where the resolution is below the
+        # clock's float step.
+        end_time = now + max(self._clock_resolution, nextafter(now, INFINITY) - now)
     while scheduled:
         handle = scheduled[0]
         if handle._when >= end_time:
@@ -124,7 +129,7 @@ def run_once(self):
                 _run_debug(self, handle)
         elif handle is R.io_handle:
             dispatch(R)
-        elif type(handle) is _Handle:
+        elif HANDLES_IN_C and type(handle) is _Handle:
             if <object>slot_get(handle, H_CANCELLED) is not False:
                 continue
             run_handle(handle)
@@ -134,8 +139,9 @@ def run_once(self):
 
 
 def create_future(self):
-    """kqfast.Loop.create_future: asyncio's C Future, without a Python frame."""
-    return _Future(loop=self)
+    """kqfast.Loop.create_future: asyncio's, without a Python frame (asyncio.futures.Future
+    looked up each time, as asyncio does: tests swap in the pure-Python one)."""
+    return _aio_futures.Future(loop=self)
 
 
 cdef _run_debug(loop, handle):

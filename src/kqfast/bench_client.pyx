@@ -1,4 +1,6 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, embedsignature=True
+# cython: freethreading_compatible=True
+# (one thread runs a load: nothing here is shared between threads)
 """kqfast-bench's load generator: N non-blocking client connections (TCP or a Unix socket) on
 kqfast's own poller, each keeping `pipeline` messages in flight, every echoed byte checked
 against what was sent, every round trip's latency counted into a log-bucket histogram.  The

@@ -1,7 +1,8 @@
 # The Python pass: the records the nogil pass left become protocol callbacks, all under the
-# one GIL acquisition of the loop iteration.  A record whose stream closed meanwhile (an
-# older generation) is skipped.  KeyboardInterrupt and SystemExit propagate out of the loop
-# as in asyncio; the records after them wait for the next iteration.
+# one GIL acquisition of the loop iteration, each in its stream's own context.  A record
+# whose stream closed meanwhile (an older generation) is skipped.  KeyboardInterrupt and
+# SystemExit propagate out of the loop as in asyncio; the records after them wait for the
+# next iteration.
 
 
 cdef dispatch(Reactor R):
@@ -21,21 +22,31 @@ cdef dispatch(Reactor R):
         if c.transport is NULL:
             continue
         h = <StreamHandle>c.transport
-        if r.kind == R_DATA:
-            h.deliver(L.arena + r.off, r.length)
-        elif r.kind == R_READABLE:
-            h.read_into_buffer()
-        elif r.kind == R_EOF:
-            h.eof()
-        elif r.kind == R_RESUME:
-            h.resume_protocol()
-        elif r.kind == R_CLOSED:
-            h.flushed_after_close()
-        elif r.kind == R_LOST:
-            h.force_close(_errno_exception(r.err), False)
+        context = h.context
+        PyContext_Enter(context)
+        try:
+            handle_record(L, r, h)
+        finally:
+            PyContext_Exit(context)
     L.nrecords = L.next_record = 0
     L.arena_used = 0
     R.retired.clear()
+
+
+cdef inline handle_record(LoopCore *L, Record *r, StreamHandle h):
+    """One record's callbacks, in its stream's context."""
+    if r.kind == R_DATA:
+        h.deliver(L.arena + r.off, r.length)
+    elif r.kind == R_READABLE:
+        h.read_into_buffer()
+    elif r.kind == R_EOF:
+        h.eof()
+    elif r.kind == R_RESUME:
+        h.resume_protocol()
+    elif r.kind == R_CLOSED:
+        h.flushed_after_close()
+    elif r.kind == R_LOST:
+        h.force_close(_errno_exception(r.err), False)
 
 
 cdef bint records_pending(Reactor R) noexcept:

@@ -14,6 +14,13 @@ from cpython.buffer cimport PyBUF_WRITABLE
 from cpython.bytearray cimport PyByteArray_AS_STRING
 from cpython.bytes cimport PyBytes_CheckExact, PyBytes_GET_SIZE
 
+cdef extern from "Python.h":
+    # The thread's current context (NULL before any was made): a stream's callbacks enter the
+    # stream's own context unless it is already the current one (entering it twice raises).
+    ctypedef struct ThreadContext "PyThreadState":
+        PyObject *context
+    ThreadContext *current_thread_state "PyThreadState_Get"() noexcept
+
 cdef object _BufferedProtocol = _asyncio.BufferedProtocol
 cdef object _feed_buffered = _aio_protocols._feed_data_to_buffered_proto
 # Python 3.13's Server tracks its transports (_attach(transport)); older ones count them.
@@ -54,6 +61,10 @@ cdef class StreamHandle:
     cdef object data_received       # its class's function, looked up once (as uvloop does)
     cdef object transport           # the Transport protocols see; None once the stream ended
     cdef object server              # the asyncio Server that accepted it, if any
+    # The contextvars.Context every protocol callback of this stream runs in: a copy of the
+    # one current where its server or connection was made (Python 3.15's rule), so nothing
+    # a callback sets reaches another stream or the code that runs the loop.
+    cdef object context
     cdef object sock                # a socket object over fd, made when first asked for
     cdef dict extra                 # made when there is something in it
     cdef bytearray held             # input read before pause_reading() took effect
@@ -164,23 +175,34 @@ cdef class StreamHandle:
         self.protocol_paused = True
         if c is not NULL:
             c.flags |= C_WRITE_PAUSED
-        try:
-            self.protocol.pause_writing()
-        except (SystemExit, KeyboardInterrupt):
-            raise
-        except BaseException as exc:
-            self.report(exc, "protocol.pause_writing() failed")
+        self.tell_flow(True)
 
     cdef resume_protocol(self):
         if not self.protocol_paused:
             return
         self.protocol_paused = False
+        self.tell_flow(False)
+
+    cdef tell_flow(self, bint pause):
+        """pause_writing() or resume_writing(), in the stream's own context: write() and
+        close() may come from any task or another stream's callback."""
+        cdef bint enter
+        context = self.context
+        enter = current_thread_state().context != <PyObject *>context
+        if enter:
+            PyContext_Enter(context)
         try:
-            self.protocol.resume_writing()
+            if pause:
+                self.protocol.pause_writing()
+            else:
+                self.protocol.resume_writing()
         except (SystemExit, KeyboardInterrupt):
             raise
         except BaseException as exc:
-            self.report(exc, "protocol.resume_writing() failed")
+            self.report(exc, f"protocol.{'pause' if pause else 'resume'}_writing() failed")
+        finally:
+            if enter:
+                PyContext_Exit(context)
 
     cdef write_eof(self):
         cdef Conn *c
@@ -242,7 +264,7 @@ cdef class StreamHandle:
         c.flags &= ~C_READ_PAUSED
         if self.held is not None:
             # What was read before the pause goes first: reading resumes once it is out.
-            self.reactor.loop.call_soon(self.deliver_held)
+            self.reactor.loop.call_soon(self.deliver_held, context=self.context)
         else:
             self.start_reading()
 
@@ -400,6 +422,15 @@ cdef class StreamHandle:
         if c is not NULL and c.flags & C_LOST:
             self.force_close(None, False)  # it failed in this batch: that is what it reports
             return
+        if c is not NULL and self.protocol_paused and not (c.flags & C_WRITE_PAUSED):
+            # This iteration's nogil pass drained the buffer under the low-water mark and the
+            # resume_writing() it owes is still in the batch.  asyncio flushes in a callback,
+            # so there the protocol hears it before this close(), and may write its last
+            # bytes then (a TLS close_notify): so here too.
+            self.resume_protocol()
+            if self.closing:
+                return
+            c = self.conn()
         self.closing = True
         if c is NULL:
             return
@@ -408,12 +439,16 @@ cdef class StreamHandle:
             timer_push(&self.reactor.core, self.fd, T_CLOSING)  # the linger covers the flush
         if c.out is NULL:
             self.end(True, False)
-            self.reactor.loop.call_soon(self.call_connection_lost, None)
+            self.reactor.loop.call_soon(self.call_connection_lost, None, context=self.context)
         elif set_mask(&self.reactor.core, self.fd, KQ_WRITABLE) < 0:
             self.force_close(_errno_exception(errno), True)
 
     cdef flushed_after_close(self):
-        """The output queued before close() is out."""
+        """The output queued before close() is out; unless more was written since (asyncio
+        takes writes until the flush ends), which the next drain ends with."""
+        cdef Conn *c = self.conn()
+        if c is not NULL and c.out is not NULL:
+            return
         self.end(True, False)
         self.call_connection_lost(None)
 
@@ -439,7 +474,7 @@ cdef class StreamHandle:
             exc = _errno_exception(c.error)
         self.closing = True
         self.end(False, reset)
-        self.reactor.loop.call_soon(self.call_connection_lost, exc)
+        self.reactor.loop.call_soon(self.call_connection_lost, exc, context=self.context)
 
     cdef end(self, bint graceful, bint reset):
         """The fd stops being this stream's: closed, or for kqfast.Server's streams closed

@@ -4,14 +4,16 @@
 # kqfast.Loop's call_soon() makes the very same asyncio.Handle (so cancel(), repr() and
 # everything that inspects it are asyncio's), filling its slots directly, and run_once() runs
 # it as Handle._run() would.  Debug mode keeps the standard library's path (it records where
-# each handle was made).
+# each handle was made), and so does a Python whose Handle is not the one this was written
+# for (_asyncio_hooks: "handles"; kqfast.Loop then keeps asyncio's call_soon and friends).
 import contextvars as _contextvars
+from kqfast import _asyncio_hooks
 import heapq as _heapq
 from asyncio import format_helpers as _aio_format_helpers
+from asyncio import tasks as _aio_tasks
 
 from cpython.object cimport PyTypeObject
 from cpython.ref cimport Py_XDECREF
-from cpython.contextvars cimport PyContext_Enter, PyContext_Exit
 
 cdef extern from "Python.h":
     PyObject *PyType_GenericAlloc(PyTypeObject *type, Py_ssize_t nitems) except NULL
@@ -22,7 +24,6 @@ cdef extern from "Python.h":
 
 cdef object _Handle = _asyncio.Handle
 cdef object _TimerHandle = _asyncio.TimerHandle
-cdef object _Task = _asyncio.Task
 cdef object _copy_context = _contextvars.copy_context
 cdef object _heappush = _heapq.heappush
 cdef object _format_callback_source = _aio_format_helpers._format_callback_source
@@ -36,15 +37,19 @@ cdef Py_ssize_t slot_offset(cls, str name) except -1:
     return (<PyMemberDescrObject *>descr).d_member.offset
 
 
-cdef Py_ssize_t H_CALLBACK = slot_offset(_Handle, "_callback")
-cdef Py_ssize_t H_ARGS = slot_offset(_Handle, "_args")
-cdef Py_ssize_t H_CANCELLED = slot_offset(_Handle, "_cancelled")
-cdef Py_ssize_t H_LOOP = slot_offset(_Handle, "_loop")
-cdef Py_ssize_t H_SOURCE_TRACEBACK = slot_offset(_Handle, "_source_traceback")
-cdef Py_ssize_t H_REPR = slot_offset(_Handle, "_repr")
-cdef Py_ssize_t H_CONTEXT = slot_offset(_Handle, "_context")
-cdef Py_ssize_t T_WHEN = slot_offset(_TimerHandle, "_when")
-cdef Py_ssize_t T_SCHEDULED = slot_offset(_TimerHandle, "_scheduled")
+cdef bint HANDLES_IN_C = _asyncio_hooks.usable("handles")
+cdef Py_ssize_t H_CALLBACK, H_ARGS, H_CANCELLED, H_LOOP, H_SOURCE_TRACEBACK, H_REPR, H_CONTEXT
+cdef Py_ssize_t T_WHEN, T_SCHEDULED
+if HANDLES_IN_C:
+    H_CALLBACK = slot_offset(_Handle, "_callback")
+    H_ARGS = slot_offset(_Handle, "_args")
+    H_CANCELLED = slot_offset(_Handle, "_cancelled")
+    H_LOOP = slot_offset(_Handle, "_loop")
+    H_SOURCE_TRACEBACK = slot_offset(_Handle, "_source_traceback")
+    H_REPR = slot_offset(_Handle, "_repr")
+    H_CONTEXT = slot_offset(_Handle, "_context")
+    T_WHEN = slot_offset(_TimerHandle, "_when")
+    T_SCHEDULED = slot_offset(_TimerHandle, "_scheduled")
 
 
 cdef inline PyObject *slot_get(obj, Py_ssize_t offset) noexcept:
@@ -111,15 +116,16 @@ def call_later(self, delay, callback, *args, context=None):
     return call_at(self, kq_monotonic() + delay, callback, *args, context=context)
 
 
-def create_task(self, coro, *, name=None, **context):
+def create_task(self, coro, **kwargs):
     """kqfast.Loop.create_task: asyncio's; without a task factory, the Task is made here.
-    context: what this Python's create_task takes (3.11+)."""
+    kwargs: what this Python's create_task takes (name, context, eager_start...), passed on
+    only when given, as asyncio passes them to a task factory."""
     cdef Reactor R = self._reactor
     if R.debug or self._task_factory is not None:
-        return _BaseEventLoop.create_task(self, coro, name=name, **context)
+        return _BaseEventLoop.create_task(self, coro, **kwargs)
     if R.closed:
         raise RuntimeError("Event loop is closed")
-    return _Task(coro, loop=self, name=name, **context)
+    return _aio_tasks.Task(coro, loop=self, **kwargs)
 
 
 cdef run_handle(handle):

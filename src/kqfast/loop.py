@@ -4,24 +4,33 @@ the selector is kqfast's poller, each iteration runs the core's pass (accept, re
 EOF and write buffering in C without the GIL, protocol callbacks batched under one GIL
 acquisition), and stream sockets become core streams.  Everything else (timers, tasks,
 executors, signals, subprocesses, pipes, datagrams, TLS on top of the streams) is the
-standard library's own code, running unchanged."""
+standard library's own code, running unchanged.
+
+The private methods replaced here are checked against the running standard library first
+(_asyncio_hooks): one that is not what kqfast was written for stays the standard library's."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 import signal
 import sys
 import threading
+import warnings
+from asyncio import base_events, sslproto
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, TypeVar
-from asyncio import sslproto
-from asyncio.runners import _cancel_all_tasks  # type: ignore[attr-defined]  # asyncio.run's own
 
-from kqfast import _core
+from kqfast import _asyncio_hooks, _core
 
 __all__ = ["Loop", "new_event_loop", "run", "EventLoopPolicy"]
 
 _T = TypeVar("_T")
+
+# Python 3.15's asyncio.Server keeps the context it was made in and hands it to
+# _start_serving; on older ones kqfast.Loop.create_server keeps it (_capture_context).
+_SERVERS_KEEP_CONTEXT = "copy_context" in base_events.Server.__init__.__code__.co_names
+_STDLIB_START_SERVING = inspect.signature(asyncio.SelectorEventLoop._start_serving)
 
 
 class Loop(asyncio.SelectorEventLoop):
@@ -91,38 +100,48 @@ class Loop(asyncio.SelectorEventLoop):
                 signal.set_wakeup_fd(old)
 
     # ---- streams on the core ---------------------------------------------------------
+    # Each stream's protocol callbacks run in a copy of the context current where the
+    # stream's server or connection was made (context=, from Python 3.15's asyncio; made
+    # here on older ones), so nothing one connection's callbacks set reaches another's.
 
-    def _make_socket_transport(self, sock, protocol, waiter=None, *, extra=None, server=None):
+    def _make_socket_transport(self, sock, protocol, waiter=None, *, extra=None, server=None,
+                               context=None):
         self._ensure_fd_no_transport(sock)
-        return _core.adopt(self._reactor, sock, protocol, waiter, extra, server)
+        return _core.adopt(self._reactor, sock, protocol, waiter, extra, server, context)
 
     def _make_ssl_transport(self, rawsock, protocol, sslcontext, waiter=None, *,
                             server_side=False, server_hostname=None, extra=None, server=None,
-                            **timeouts):
+                            context=None, **timeouts):
         """TLS is asyncio's SSLProtocol over a core stream (timeouts: what this Python's
         SSLProtocol takes)."""
         self._ensure_fd_no_transport(rawsock)
         ssl_protocol = sslproto.SSLProtocol(self, protocol, sslcontext, waiter, server_side,
                                             server_hostname, **timeouts)
-        _core.adopt(self._reactor, rawsock, ssl_protocol, None, extra, server)
+        _core.adopt(self._reactor, rawsock, ssl_protocol, None, extra, server, context)
         return ssl_protocol._app_transport
 
-    def _start_serving(self, protocol_factory, sock, sslcontext=None, server=None,
-                       backlog=100, *timeouts):
-        if sslcontext:
-            # The handshake needs a task per connection: accepted the standard way, served
-            # over a core stream (_make_ssl_transport).
-            super()._start_serving(protocol_factory, sock, sslcontext, server, backlog,
-                                   *timeouts)
+    def _start_serving(self, *args, **kwargs):
+        """Accepts in C.  The arguments are what this Python's asyncio.Server passes: the
+        factory, the socket, TLS settings and (3.15) the server's context."""
+        call = _STDLIB_START_SERVING.bind(self, *args, **kwargs)
+        arguments = call.arguments
+        context = arguments.get("context") or getattr(arguments.get("server"), "_context",
+                                                       None) or contextvars.copy_context()
+        if arguments.get("sslcontext"):
+            # The handshake needs a task per connection: accepted the standard way (each in
+            # a copy of context, from 3.15), served over a core stream (_make_ssl_transport).
+            super()._start_serving(*call.args[1:], **call.kwargs)  # without self
             return
-        self._reactor.add_listener(sock, _core.Source(sock, protocol_factory, server, False))
+        sock = arguments["sock"]
+        self._reactor.add_listener(sock, _core.Source(sock, arguments["protocol_factory"],
+                                                      arguments.get("server"), False, context))
 
     # The private methods below override the standard loop's own (typeshed does not list them).
     def _stop_serving(self, sock) -> None:
-        if self._reactor.remove_listener(sock.fileno()):
-            sock.close()
-        else:
-            super()._stop_serving(sock)  # type: ignore[misc]
+        # The core lets go of the listener, then the standard library does the rest: it
+        # removes a Unix server's socket file (3.13+) and closes the socket.
+        self._reactor.remove_listener(sock.fileno())
+        super()._stop_serving(sock)  # type: ignore[misc]
 
     def _sock_connect_cb(self, fut, sock, address) -> None:
         err = self._reactor.take_error(sock.fileno())
@@ -148,18 +167,72 @@ class Loop(asyncio.SelectorEventLoop):
         self._reactor.closed = True
 
 
+def _capture_context(create):
+    """create_server/create_unix_server keeping the caller's context on the Server, for
+    _start_serving (which a start_serving=False server reaches later, from elsewhere)."""
+    async def create_server(self, *args, **kwargs):
+        context = contextvars.copy_context()
+        server = await create(self, *args, **kwargs)
+        server._context = context
+        return server
+    create_server.__name__ = create.__name__
+    create_server.__qualname__ = f"Loop.{create.__name__}"
+    create_server.__doc__ = create.__doc__
+    return create_server
+
+
+if not _SERVERS_KEEP_CONTEXT:
+    Loop.create_server = _capture_context(asyncio.SelectorEventLoop.create_server)
+    Loop.create_unix_server = _capture_context(asyncio.SelectorEventLoop.create_unix_server)
+
+# What this Python's asyncio does not match stays the standard library's.
+for _name in _asyncio_hooks.FALLBACK_METHODS:
+    delattr(Loop, _name)
+
+
 def new_event_loop() -> Loop:
     """A new kqfast.Loop: the loop factory to hand to asyncio.run, asyncio.Runner and uvicorn
     (--loop kqfast:new_event_loop)."""
     return Loop()
 
 
-class EventLoopPolicy(asyncio.DefaultEventLoopPolicy):
-    """An event loop policy whose loops are kqfast.Loop, for code that still sets policies
-    (asyncio.set_event_loop_policy(kqfast.EventLoopPolicy())); new code passes
-    kqfast.new_event_loop as a loop factory instead."""
+def _policy_class():
+    """kqfast.EventLoopPolicy, made on first use: asyncio deprecates its policy classes from
+    Python 3.14 (removal in 3.16), so merely importing kqfast must not touch them."""
+    from asyncio import unix_events
+    base = getattr(unix_events, "_UnixDefaultEventLoopPolicy")
 
-    _loop_factory = Loop
+    class EventLoopPolicy(base):  # type: ignore[misc, valid-type]
+        """An event loop policy whose loops are kqfast.Loop, for code that still sets
+        policies (asyncio.set_event_loop_policy(kqfast.EventLoopPolicy())); new code passes
+        kqfast.new_event_loop as a loop factory instead."""
+
+        _loop_factory = Loop
+
+    EventLoopPolicy.__module__ = "kqfast"
+    return EventLoopPolicy
+
+
+_policy = None
+
+
+def event_loop_policy(stacklevel: int):
+    """kqfast.EventLoopPolicy, warning as asyncio's policies do from Python 3.14."""
+    global _policy
+    if sys.version_info >= (3, 14):
+        warnings.warn("'kqfast.EventLoopPolicy' is deprecated, as asyncio's event loop "
+                      "policies are, and slated for removal with them in Python 3.16; use "
+                      "kqfast.run() or asyncio.Runner(loop_factory=kqfast.new_event_loop)",
+                      DeprecationWarning, stacklevel=stacklevel + 1)
+    if _policy is None:
+        _policy = _policy_class()
+    return _policy
+
+
+def __getattr__(name: str):
+    if name == "EventLoopPolicy":
+        return event_loop_policy(stacklevel=2)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def run(main: Coroutine[Any, Any, _T], *, debug: bool | None = None, **run_kwargs: Any) -> _T:
@@ -191,7 +264,7 @@ def run(main: Coroutine[Any, Any, _T], *, debug: bool | None = None, **run_kwarg
     if run_kwargs:
         raise TypeError(f"kqfast.run() got {', '.join(map(repr, run_kwargs))}: asyncio.run of "
                         f"Python {sys.version_info[0]}.{sys.version_info[1]} takes debug only")
-    # asyncio.run of Python 3.9 and 3.10, on kqfast's loop.
+    # asyncio.run of Python 3.10, on kqfast's loop.
     if asyncio.events._get_running_loop() is not None:
         raise RuntimeError("kqfast.run() cannot be called from a running event loop")
     loop = new_event_loop()
@@ -208,3 +281,19 @@ def run(main: Coroutine[Any, Any, _T], *, debug: bool | None = None, **run_kwarg
         finally:
             asyncio.set_event_loop(None)
             loop.close()
+
+
+def _cancel_all_tasks(loop: Loop) -> None:
+    """What asyncio.run does with the tasks main left: cancel them, let them finish, report
+    the errors of those that raised."""
+    tasks = asyncio.all_tasks(loop)
+    for task in tasks:
+        task.cancel()
+    if not tasks:
+        return
+    loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+    for task in tasks:
+        if not task.cancelled() and task.exception() is not None:
+            loop.call_exception_handler({
+                "message": "unhandled exception during kqfast.run() shutdown",
+                "exception": task.exception(), "task": task})

@@ -7,6 +7,8 @@ import threading as _threading
 from collections import deque as _deque
 
 cimport cython
+from cpython.contextvars cimport (PyContext_Copy, PyContext_CopyCurrent, PyContext_Enter,
+                                  PyContext_Exit)
 from cpython.pythread cimport PyThread_get_thread_ident
 
 _log = _logging.getLogger("kqfast")
@@ -31,15 +33,18 @@ LINE_ECHO = NativeHandler("line_echo")
 
 cdef class Source:
     """What a listener or inbox makes streams for: the socket it accepts from (kept open while
-    it serves), the protocol factory and the asyncio Server, if any."""
+    it serves), the protocol factory, the asyncio Server, if any, and the context each of its
+    streams gets a copy of (None: a copy of the one current now)."""
     cdef readonly object sock
     cdef readonly object protocol_factory
     cdef readonly object server
     cdef readonly bint served
+    cdef readonly object context
 
-    def __cinit__(self, sock, protocol_factory, server, bint served):
+    def __cinit__(self, sock, protocol_factory, server, bint served, context=None):
         self.sock, self.protocol_factory, self.server = sock, protocol_factory, server
         self.served = served
+        self.context = PyContext_CopyCurrent() if context is None else context
 
 
 # final: the core is reached through self.core directly (no vtable), so the C compiler can
@@ -203,8 +208,8 @@ cdef class Reactor:
 
     def poll(self, timeout, dict fd_to_key):
         """One nogil pass: waits up to timeout seconds (None: until something happens),
-        serves the streams in C, leaves records for dispatch(); returns the selector's
-        ready keys as [(key, events)]."""
+        serves the streams in C, leaves records for dispatch() (whose handle it puts in the
+        loop's ready queue); returns the selector's ready keys as [(key, events)]."""
         cdef LoopCore *L = &self.core
         cdef int ms = 0 if records_pending(self) else timeout_ms(timeout)
         cdef int n, i, mask, events
@@ -218,6 +223,8 @@ cdef class Reactor:
             PyErr_CheckSignals()  # Ctrl-C during the wait raises here
             return []
         L.wait_failures = 0
+        if records_pending(self) and self.ready is not None:
+            self.ready.append(self.io_handle)
         if self.on_drained is not None and L.n_current == 0:
             callback, self.on_drained = self.on_drained, None
             callback()

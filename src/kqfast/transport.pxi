@@ -84,6 +84,13 @@ class Transport(_aio_transports._FlowControlMixin):
     def _low_water(self):
         return handle_of(self).low_water
 
+    @property
+    def _paused(self):
+        """asyncio's selector transports' reading-paused flag, which code reads (CPython's
+        own test_server_context among it)."""
+        cdef Conn *c = handle_of(self).conn()
+        return c is not NULL and bool(c.flags & C_READ_PAUSED)
+
     def is_closing(self):
         return bool(handle_of(self).closing)
 
@@ -121,11 +128,13 @@ cdef inline StreamHandle handle_of(transport):
     return <StreamHandle>h
 
 
-cdef StreamHandle new_handle(Reactor R, int fd, protocol, server, dict extra):
-    """The handle of a stream just entered in the table, owned by the table from now on."""
+cdef StreamHandle new_handle(Reactor R, int fd, protocol, server, dict extra, context):
+    """The handle of a stream just entered in the table, owned by the table from now on; its
+    callbacks run in context."""
     cdef Conn *c = &R.core.conns[fd]
     cdef StreamHandle h = StreamHandle.__new__(StreamHandle)
     h.reactor, h.fd, h.gen, h.server, h.extra = R, fd, c.gen, server, extra
+    h.context = context
     h.high_water, h.low_water = R.core.high_water, R.core.low_water
     c.low_water = <uint32_t>min(h.low_water, 0xFFFFFFFF)
     Py_INCREF(h)
@@ -143,10 +152,10 @@ cdef StreamHandle new_handle(Reactor R, int fd, protocol, server, dict extra):
 
 
 cdef made(Reactor R, Record *r):
-    """A stream accepted in C: its source's protocol, then connection_made()."""
+    """A stream accepted in C: its source's protocol, then connection_made(), both in the
+    stream's own copy of the server's context."""
     cdef LoopCore *L = &R.core
     cdef Source source = None
-    cdef StreamHandle h
     if L.conns[r.origin].gen == r.origin_gen:
         source = R.sources.get(r.origin)
     else:
@@ -154,21 +163,32 @@ cdef made(Reactor R, Record *r):
     if source is None:
         close_now(L, r.fd, True)
         return
+    context = PyContext_Copy(source.context)
+    PyContext_Enter(context)
+    try:
+        start_made(R, r, source, context)
+    finally:
+        PyContext_Exit(context)
+
+
+cdef start_made(Reactor R, Record *r, Source source, context):
+    cdef LoopCore *L = &R.core
+    cdef StreamHandle h
     try:
         protocol = source.protocol_factory()
     except (SystemExit, KeyboardInterrupt):
         close_now(L, r.fd, True)
         raise
     except BaseException as exc:
-        context = {"message": "Error on transport creation for incoming connection",
-                   "exception": exc}
+        report = {"message": "Error on transport creation for incoming connection",
+                  "exception": exc}
         if source.served:  # kqfast.Server logs the peer (asyncio's context has none)
-            context["peername"] = _peername(r.fd)
+            report["peername"] = _peername(r.fd)
         close_now(L, r.fd, True)
         if source.served or R.loop.get_debug():
-            R.loop.call_exception_handler(context)
+            R.loop.call_exception_handler(report)
         return
-    h = new_handle(R, r.fd, protocol, source.server, None)
+    h = new_handle(R, r.fd, protocol, source.server, None, context)
     try:
         protocol.connection_made(h.transport)
     except (SystemExit, KeyboardInterrupt):
@@ -188,20 +208,23 @@ cdef object _peername(int fd):
         sock.detach()
 
 
-def adopt(Reactor R, sock, protocol, waiter, extra, server):
+def adopt(Reactor R, sock, protocol, waiter, extra, server, context):
     """A socket asyncio connected or accepted becomes a stream of this reactor; as asyncio's
-    transport does, connection_made() runs soon, then reading starts, then waiter is set."""
+    transport does, connection_made() runs soon, then reading starts, then waiter is set.
+    The stream's callbacks run in context (None: a copy of the current one)."""
     cdef int fd = sock.fileno()
     cdef StreamHandle h
     R.check_free(fd)
     if sock.family != AF_UNIX:
         kq_prepare_accepted(fd, 1)  # TCP_NODELAY, as asyncio sets it
     open_conn(&R.core, fd, C_PY)
-    h = new_handle(R, fd, protocol, server, dict(extra) if extra else None)
+    if context is None:
+        context = PyContext_CopyCurrent()
+    h = new_handle(R, fd, protocol, server, dict(extra) if extra else None, context)
     h.sock = sock
     h.get_extra_info("sockname", None)  # asyncio's transports learn their names at once
     h.get_extra_info("peername", None)
-    R.loop.call_soon(_start_adopted, h, waiter)
+    R.loop.call_soon(_start_adopted, h, waiter, context=context)
     return h.transport
 
 

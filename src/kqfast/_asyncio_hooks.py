@@ -1,0 +1,171 @@
+"""The private pieces of asyncio that kqfast.Loop overrides or reads, each checked against the
+running standard library when kqfast is imported.
+
+kqfast.Loop is the standard library's Unix selector loop with some private methods replaced
+(how servers accept, how transports are made, the iteration) and some private objects read or
+built in C (Handle's slots, the loop's own state).  None of that is public API, and each
+CPython release may change it.  So each piece is checked here by feature, not by version: the
+signature it has, the slots it keeps, the names its code uses.  A piece that is not what kqfast
+was written for is left to the standard library (Loop does not override it: slower, correct),
+and MISMATCHES names it, which tests/test_asyncio_hooks.py turns into a failing test.  A new
+Python shows up as a failing test, never as a broken server."""
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from asyncio import base_events, events, protocols, sslproto, transports, unix_events
+from typing import Callable
+
+__all__ = ["MISMATCHES", "FALLBACK_METHODS", "usable"]
+
+# hook -> what is different about it on this Python.
+MISMATCHES: dict[str, str] = {}
+# Loop methods left to the standard library because a hook they rely on mismatched.
+FALLBACK_METHODS: set[str] = set()
+
+_Loop = unix_events._UnixSelectorEventLoop  # asyncio.SelectorEventLoop on Unix
+_Base = base_events.BaseEventLoop
+
+
+def _parameters(function: Callable) -> list[inspect.Parameter]:
+    return list(inspect.signature(function).parameters.values())[1:]  # without self
+
+
+def _takes(function: Callable, positional: tuple[str, ...], keyword: tuple[str, ...]) -> str:
+    """'' when function's parameters are among ours: positional ones in our order, then
+    keyword-only ones we know; else what differs.  New trailing parameters of a later Python
+    are what breaks an override (3.15 passes context= to _start_serving)."""
+    params = _parameters(function)
+    names = [p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD]
+    kwonly = [p.name for p in params if p.kind is p.KEYWORD_ONLY]
+    others = [p.name for p in params if p.kind not in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    if others or names != list(positional[:len(names)]) or not set(kwonly) <= set(keyword):
+        return f"takes {inspect.signature(function)}"
+    return ""
+
+
+def _uses_only(function: Callable, known: set[str]) -> str:
+    """'' when function's code names nothing beyond known (attributes and globals)."""
+    extra = set(function.__code__.co_names) - known
+    return f"also uses {sorted(extra)}" if extra else ""
+
+
+_SERVE = ("protocol_factory", "sock", "sslcontext", "server", "backlog",
+          "ssl_handshake_timeout", "ssl_shutdown_timeout", "context")
+_SOCKET_TRANSPORT = (("sock", "protocol", "waiter"), ("extra", "server", "context"))
+_SSL_TRANSPORT = (("rawsock", "protocol", "sslcontext", "waiter"),
+                  ("server_side", "server_hostname", "extra", "server", "ssl_handshake_timeout",
+                   "ssl_shutdown_timeout", "call_connection_made", "context"))
+_SSL_PROTOCOL = ("loop", "app_protocol", "sslcontext", "waiter", "server_side",
+                 "server_hostname", "call_connection_made", "ssl_handshake_timeout",
+                 "ssl_shutdown_timeout")
+_HANDLE_SLOTS = {"_callback", "_args", "_cancelled", "_loop", "_source_traceback", "_repr",
+                 "__weakref__", "_context"}
+# What Handle._run does, by the names it uses (3.13 added get_debug for the message).
+_HANDLE_RUN = {"_context", "run", "_callback", "_args", "SystemExit", "KeyboardInterrupt",
+               "BaseException", "format_helpers", "_format_callback_source", "_loop",
+               "get_debug", "_source_traceback", "call_exception_handler"}
+# What _run_once reads and does (3.15 added max(resolution, math.ulp(now)) for end_time).
+_RUN_ONCE = {"len", "_scheduled", "_MIN_SCHEDULED_TIMER_HANDLES", "_timer_cancelled_count",
+             "_MIN_CANCELLED_TIMER_HANDLES_FRACTION", "_cancelled", "append", "heapq",
+             "heapify", "heappop", "_ready", "_stopping", "_when", "min", "max", "time",
+             "MAXIMUM_SELECT_TIMEOUT", "_selector", "select", "_process_events",
+             "_clock_resolution", "math", "ulp", "range", "popleft", "_debug",
+             "_current_handle", "_run", "slow_callback_duration", "logger", "warning",
+             "_format_handle"}
+# What sets and clears the running thread (run_forever, or its setup and cleanup on 3.13+).
+_RUN_FOREVER = {"_check_closed", "_check_running", "_set_coroutine_origin_tracking", "_debug",
+                "sys", "get_asyncgen_hooks", "_old_agen_hooks", "threading", "get_ident",
+                "_thread_id", "set_asyncgen_hooks", "_asyncgen_firstiter_hook",
+                "_asyncgen_finalizer_hook", "events", "_set_running_loop", "_run_once",
+                "_stopping", "_run_forever_setup", "_run_forever_cleanup"}
+
+
+def _handles() -> str:
+    slots = set(events.Handle.__slots__)
+    if slots != _HANDLE_SLOTS:
+        return f"Handle.__slots__ is {sorted(slots)}"
+    if set(events.TimerHandle.__slots__) != {"_when", "_scheduled"}:
+        return f"TimerHandle.__slots__ is {sorted(events.TimerHandle.__slots__)}"
+    if asyncio.Handle is not events.Handle or asyncio.TimerHandle is not events.TimerHandle:
+        return "asyncio.Handle is not asyncio.events.Handle"
+    return _uses_only(events.Handle._run, _HANDLE_RUN)
+
+
+def _iteration() -> str:
+    why = _uses_only(_Base._run_once, _RUN_ONCE)
+    if why:
+        return "_run_once " + why
+    for name in ("_MIN_SCHEDULED_TIMER_HANDLES", "_MIN_CANCELLED_TIMER_HANDLES_FRACTION",
+                 "MAXIMUM_SELECT_TIMEOUT", "_format_handle"):
+        if not hasattr(base_events, name):
+            return f"base_events.{name} is gone"
+    for name in ("run_forever", "_run_forever_setup", "_run_forever_cleanup"):
+        function = getattr(_Base, name, None)
+        why = function and _uses_only(function, _RUN_FOREVER)
+        if why:
+            return f"{name} {why}"
+    return ""
+
+
+def _streams() -> str:
+    """What kqfast.Transport and its streams take from asyncio's transports and servers."""
+    if set(getattr(transports._FlowControlMixin, "__slots__", ())) != {
+            "_loop", "_protocol_paused", "_high_water", "_low_water"}:
+        return "_FlowControlMixin's slots changed"
+    if not hasattr(protocols, "_feed_data_to_buffered_proto"):
+        return "protocols._feed_data_to_buffered_proto is gone"
+    if not hasattr(getattr(asyncio, "constants", None), "_SendfileMode"):
+        return "constants._SendfileMode is gone"
+    for name in ("_attach", "_detach"):
+        if len(_parameters(getattr(base_events.Server, name))) > 1:
+            return f"Server.{name} takes {inspect.signature(getattr(base_events.Server, name))}"
+    return (_takes(_Loop._make_socket_transport, *_SOCKET_TRANSPORT)
+            or _takes(_Loop._ensure_fd_no_transport, ("fd",), ()))
+
+
+def _serving() -> str:
+    return (_takes(_Loop._start_serving, _SERVE, ())
+            or _takes(_Loop._stop_serving, ("sock",), ()))
+
+
+def _tls() -> str:
+    return (_takes(_Loop._make_ssl_transport, *_SSL_TRANSPORT)
+            or _takes(sslproto.SSLProtocol.__init__, _SSL_PROTOCOL, ()))
+
+
+def _connect() -> str:
+    return _takes(_Loop._sock_connect_cb, ("fut", "sock", "address"), ())
+
+
+# hook -> (its check, the Loop methods that rely on it).  A method relying on several hooks
+# falls back when any of them mismatches.
+_HOOKS: dict[str, tuple[Callable[[], str], tuple[str, ...]]] = {
+    "handles": (_handles, ("call_soon", "call_at", "call_later")),
+    "iteration": (_iteration, ("_run_once",)),
+    "streams": (_streams, ("_make_socket_transport", "_make_ssl_transport", "_start_serving",
+                           "_stop_serving")),
+    "serving": (_serving, ("_start_serving", "_stop_serving")),
+    "tls": (_tls, ("_make_ssl_transport",)),
+    "connect": (_connect, ("_sock_connect_cb",)),
+}
+
+
+def usable(hook: str) -> bool:
+    """Whether kqfast may use its own version of hook on this Python."""
+    return hook not in MISMATCHES
+
+
+for _hook, (_check, _methods) in _HOOKS.items():
+    try:
+        _why = _check()
+    except (AttributeError, TypeError, ValueError) as exc:
+        _why = f"cannot be checked: {exc!r}"
+    if _why:
+        MISMATCHES[_hook] = _why
+        FALLBACK_METHODS.update(_methods)
+if MISMATCHES:
+    logging.getLogger("kqfast").debug(
+        "kqfast: asyncio's %s differ(s) from what kqfast was written for; the standard "
+        "library's path is used for them: %s", ", ".join(MISMATCHES), MISMATCHES)
