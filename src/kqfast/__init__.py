@@ -7,6 +7,10 @@ kqueue or epoll) runs in C with the GIL released.
 
 The asyncio event loop is kqfast.Loop.  kqfast.EventLoop is something else: the tutorial's
 poller over a listening kqfast.Socket (kqfast.listen), kept under the tutorial's name."""
+from __future__ import annotations
+
+import asyncio
+
 from kqfast._core import (
     BACKEND,
     ECHO,
@@ -27,7 +31,7 @@ TLS_ENGINE = "asyncio SSLProtocol over the core"
 core stream."""
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> type[asyncio.AbstractEventLoopPolicy]:
     if name == "EventLoopPolicy":  # made on first use: see kqfast.loop
         from kqfast import loop
         return loop.event_loop_policy(stacklevel=2)

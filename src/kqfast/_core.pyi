@@ -121,12 +121,15 @@ class Source:
     def server(self) -> asyncio.Server | None: ...
     @property
     def served(self) -> bool: ...
+    @property
+    def context(self) -> contextvars.Context | None: ...
     def __new__(
         cls,
         sock: socket.socket | None,
         protocol_factory: Callable[[], asyncio.BaseProtocol] | None,
         server: asyncio.Server | None,
         served: bool,
+        context: contextvars.Context | None = None,
     ) -> Self: ...
 
 @final
@@ -227,5 +230,6 @@ def adopt(
     waiter: asyncio.Future[None] | None,
     extra: dict[str, Any] | None,
     server: asyncio.Server | None,
+    context: contextvars.Context | None,
 ) -> Transport: ...
 def dispatch_handle(R: Reactor) -> None: ...

@@ -196,7 +196,7 @@ def new_event_loop() -> Loop:
     return Loop()
 
 
-def _policy_class():
+def _policy_class() -> type[asyncio.AbstractEventLoopPolicy]:
     """kqfast.EventLoopPolicy, made on first use: asyncio deprecates its policy classes from
     Python 3.14 (removal in 3.16), so merely importing kqfast must not touch them."""
     from asyncio import unix_events
@@ -213,10 +213,10 @@ def _policy_class():
     return EventLoopPolicy
 
 
-_policy = None
+_policy: type[asyncio.AbstractEventLoopPolicy] | None = None
 
 
-def event_loop_policy(stacklevel: int):
+def event_loop_policy(stacklevel: int) -> type[asyncio.AbstractEventLoopPolicy]:
     """kqfast.EventLoopPolicy, warning as asyncio's policies do from Python 3.14."""
     global _policy
     if sys.version_info >= (3, 14):
@@ -229,7 +229,7 @@ def event_loop_policy(stacklevel: int):
     return _policy
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> type[asyncio.AbstractEventLoopPolicy]:
     if name == "EventLoopPolicy":
         return event_loop_policy(stacklevel=2)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
