@@ -280,7 +280,7 @@ cdef class StreamHandle:
             return
         data, self.held = self.held, None
         if data:
-            self.deliver(PyByteArray_AS_STRING(data), len(data))
+            self.deliver(self.conn(), PyByteArray_AS_STRING(data), len(data))
         if self.held is not None:
             return  # paused again on the way
         if self.held_eof:
@@ -289,22 +289,22 @@ cdef class StreamHandle:
         else:
             self.start_reading()
 
-    cdef deliver(self, const char *data, size_t n):
+    cdef inline deliver(self, Conn *c, const char *data, size_t n):
         """Input for the protocol: held while reading is paused, framed into lines for a
-        LineProtocol, copied into a BufferedProtocol's buffers, or data_received."""
-        cdef Conn *c = self.conn()
+        LineProtocol, copied into a BufferedProtocol's buffers, or data_received.  c: the
+        stream's entry, self.conn() (inline: the Python pass calls this for every read)."""
         if c is NULL or self.closing:
             return
         if self.held is not None or c.flags & C_READ_PAUSED:
             self.hold(data, n)
             return
         try:
-            if c.flags & C_LINE:
-                self.frame_lines(data, n)
-            elif c.flags & C_BUFFERED:
-                _feed_buffered(self.protocol, PyBytes_FromStringAndSize(data, n))
-            else:
+            if not (c.flags & (C_LINE | C_BUFFERED)):
                 self.data_received(self.protocol, PyBytes_FromStringAndSize(data, n))
+            elif c.flags & C_LINE:
+                self.frame_lines(data, n)
+            else:
+                _feed_buffered(self.protocol, PyBytes_FromStringAndSize(data, n))
         except (SystemExit, KeyboardInterrupt):
             raise
         except BaseException as exc:

@@ -67,10 +67,19 @@ cdef class Reactor:
     cdef readonly object io_handle
     cdef dict retired
     cdef object on_drained
-    # The loop's own state, mirrored here for call_soon() and run_once(): its ready deque,
-    # and whether it is closed or in debug mode.
-    cdef object ready
-    cdef public bint closed, debug
+    # The asyncio loop's own state, kept here where the iteration and call_soon() read it
+    # without a dictionary lookup (kqfast.Loop's _ready, _scheduled, _stopping and
+    # _timer_cancelled_count are properties over these; _debug and the closed state are
+    # mirrored): the ready deque with its bound append and popleft, the timer heap, ...
+    cdef object ready, ready_append, ready_popleft
+    cdef public list scheduled
+    cdef public bint stopping, closed, debug
+    cdef public Py_ssize_t timer_cancelled_count
+    cdef double clock_resolution
+    # ... whether asyncio's run_forever is running the loop (its _run_once then runs every
+    # iteration), and the selector's fd -> key map.
+    cdef public bint in_run_forever
+    cdef dict selector_keys
 
     def __cinit__(self):
         cdef LoopCore *L = &self.core
@@ -172,12 +181,22 @@ cdef class Reactor:
 
     # ---- an asyncio loop's reactor ----------------------------------------------------
 
-    def attach(self, loop):
-        """Serves the asyncio loop loop: its streams' callbacks go through it."""
+    def attach(self, loop, dict selector_keys):
+        """Serves the asyncio loop loop, whose selector keeps selector_keys: its streams'
+        callbacks go through it."""
         self.loop = loop
-        self.ready = loop._ready
         self.debug = loop.get_debug()
+        self.clock_resolution = loop._clock_resolution
+        self.selector_keys = selector_keys
         self.io_handle = _asyncio.Handle(dispatch_handle, (self,), loop)
+
+    @property
+    def ready_queue(self):
+        return self.ready
+
+    @ready_queue.setter
+    def ready_queue(self, queue):
+        self.ready, self.ready_append, self.ready_popleft = queue, queue.append, queue.popleft
 
     @property
     def thread_id(self):
@@ -206,13 +225,24 @@ cdef class Reactor:
         if 0 <= fd < self.core.nconns and self.core.conns[fd].kind == K_WATCHED:
             close_entry(&self.core, fd)
 
-    def poll(self, timeout, dict fd_to_key):
-        """One nogil pass: waits up to timeout seconds (None: until something happens),
-        serves the streams in C, leaves records for dispatch() (whose handle it puts in the
-        loop's ready queue); returns the selector's ready keys as [(key, events)]."""
+    def poll(self, timeout):
+        """The selector's select() (what asyncio's own _run_once calls, where kqfast's is not
+        used): one nogil pass, the Python pass's handle in the ready queue if it has work;
+        returns the selector's ready keys as [(key, events)]."""
+        self.wait(timeout_ms(timeout))
+        if records_pending(self):
+            self.ready_append(self.io_handle)
+        return self.watched_keys()
+
+    cdef int wait(self, int ms) except -1:
+        """One nogil pass: waits up to ms milliseconds (-1: until something happens; 0 while
+        records wait for the Python pass), serves the streams in C and leaves records for
+        dispatch().  Ctrl-C during the wait raises here.  Returns 1 when Python code ran
+        (signal handlers, the drained callback), else 0."""
         cdef LoopCore *L = &self.core
-        cdef int ms = 0 if records_pending(self) else timeout_ms(timeout)
-        cdef int n, i, mask, events
+        cdef int n
+        if records_pending(self):
+            ms = 0
         with nogil:
             n = poll_once(L, ms)
         if n < 0:
@@ -220,19 +250,24 @@ cdef class Reactor:
                 L.wait_errno = errno
                 L.wait_failures += 1
                 self.report_wait_error()
-            PyErr_CheckSignals()  # Ctrl-C during the wait raises here
-            return []
+            PyErr_CheckSignals()
+            return 1
         L.wait_failures = 0
-        if records_pending(self) and self.ready is not None:
-            self.ready.append(self.io_handle)
         if self.on_drained is not None and L.n_current == 0:
             callback, self.on_drained = self.on_drained, None
             callback()
+            return 1
+        return 0
+
+    cdef list watched_keys(self):
+        """The selector's fds that were ready in the last pass, as [(key, events)]."""
+        cdef LoopCore *L = &self.core
+        cdef int i, mask, events
         if L.nwatched == 0:
             return []
         ready = []
         for i in range(L.nwatched):
-            key = fd_to_key.get(L.watched[i].fd)
+            key = self.selector_keys.get(L.watched[i].fd)
             if key is None:
                 continue
             mask = L.watched[i].mask

@@ -55,13 +55,18 @@ cdef inline void handle_events(LoopCore *L, int n) noexcept nogil:
 
 
 cdef inline void on_input_event(LoopCore *L, int fd) noexcept nogil:
-    """Plain readability: a native stream in its ordinary state reads at once."""
+    """Plain readability: a stream in its ordinary state reads at once, for its native
+    handler or for Python."""
     cdef Conn *c
     if <unsigned int>fd < <unsigned int>L.nconns:
         c = &L.conns[<unsigned int>fd]
-        if c.kind == K_STREAM and not (c.flags & C_NOT_PLAIN):
-            read_native(L, c, fd)
-            return
+        if c.kind == K_STREAM:
+            if not (c.flags & C_NOT_PLAIN):
+                read_native(L, c, fd)
+                return
+            if c.flags & C_NOT_PLAIN == C_PY:
+                read_for_python(L, fd)
+                return
     on_other_input(L, fd)
 
 
