@@ -32,12 +32,9 @@ FAKES = {
     "serving": """
         from asyncio import selector_events
         original = selector_events.BaseSelectorEventLoop._start_serving
-        def _start_serving(self, protocol_factory, sock, sslcontext=None, server=None,
-                           backlog=100, ssl_handshake_timeout=60.0, ssl_shutdown_timeout=30.0,
-                           context=None, new_in_a_later_python=None):
-            return original(self, protocol_factory, sock, sslcontext, server, backlog,
-                            ssl_handshake_timeout, ssl_shutdown_timeout,
-                            **({"context": context} if "context" in original.__code__.co_varnames else {}))
+        def _start_serving(self, protocol_factory, sock, *rest, new_in_a_later_python=None,
+                           **keywords):
+            return original(self, protocol_factory, sock, *rest, **keywords)
         selector_events.BaseSelectorEventLoop._start_serving = _start_serving
         """,
     "streams": """
