@@ -14,13 +14,6 @@ from cpython.buffer cimport PyBUF_WRITABLE
 from cpython.bytearray cimport PyByteArray_AS_STRING
 from cpython.bytes cimport PyBytes_CheckExact, PyBytes_GET_SIZE
 
-cdef extern from "Python.h":
-    # The thread's current context (NULL before any was made): a stream's callbacks enter the
-    # stream's own context unless it is already the current one (entering it twice raises).
-    ctypedef struct ThreadContext "PyThreadState":
-        PyObject *context
-    ThreadContext *current_thread_state "PyThreadState_Get"() noexcept
-
 cdef object _BufferedProtocol = _asyncio.BufferedProtocol
 cdef object _feed_buffered = _aio_protocols._feed_data_to_buffered_proto
 # Python 3.13's Server tracks its transports (_attach(transport)); older ones count them.
@@ -88,9 +81,12 @@ cdef class StreamHandle:
 
     cdef inline int check_thread(self) except -1:
         """A stream belongs to its loop's thread: from another one, a call could race the
-        loop's nogil pass over the same buffers."""
-        cdef unsigned long owner = self.reactor.thread_id
-        if owner != 0 and owner != PyThread_get_thread_ident():
+        loop's nogil pass over the same buffers.  (The running thread's state is compared
+        first: one load, where its id is a call.)"""
+        cdef Reactor R = self.reactor
+        if R.thread_id == 0 or <void *>current_thread_state() == R.thread_state:
+            return 0
+        if R.thread_id != PyThread_get_thread_ident():
             raise RuntimeError("a kqfast transport was used from a thread other than its "
                                "loop's: use loop.call_soon_threadsafe()")
         return 0

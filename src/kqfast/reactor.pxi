@@ -11,6 +11,14 @@ from cpython.contextvars cimport (PyContext_Copy, PyContext_CopyCurrent, PyConte
                                   PyContext_Exit)
 from cpython.pythread cimport PyThread_get_thread_ident
 
+cdef extern from "Python.h":
+    # The running thread's state: which thread runs a loop (a pointer compare), and its
+    # current context (NULL before any was made: a stream's callbacks enter the stream's
+    # own context unless it is already the current one, as entering it twice raises).
+    ctypedef struct ThreadContext "PyThreadState":
+        PyObject *context
+    ThreadContext *current_thread_state "PyThreadState_Get"() noexcept
+
 _log = _logging.getLogger("kqfast")
 
 cdef class StreamHandle
@@ -64,6 +72,7 @@ cdef class Reactor:
     # (their streams accepted before the removal are still made).
     cdef object loop
     cdef unsigned long thread_id
+    cdef void *thread_state         # the PyThreadState of that thread
     cdef readonly object io_handle
     cdef dict retired
     cdef object on_drained
@@ -204,7 +213,9 @@ cdef class Reactor:
 
     @thread_id.setter
     def thread_id(self, ident):
+        """Set by asyncio in the thread that starts running the loop (None when it stops)."""
         self.thread_id = ident or 0
+        self.thread_state = <void *>current_thread_state() if ident else NULL
 
     def watch(self, int fd, int mask):
         """The selector's registration of fd: interest in mask (KQ_READABLE|KQ_WRITABLE)."""
