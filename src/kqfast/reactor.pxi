@@ -12,6 +12,12 @@ from cpython.contextvars cimport (PyContext_Copy, PyContext_CopyCurrent, PyConte
 from cpython.pythread cimport PyThread_get_thread_ident
 
 cdef extern from "Python.h":
+    ctypedef struct PyInterpreterState:
+        pass
+    PyInterpreterState *PyInterpreterState_Head()
+    PyInterpreterState *PyInterpreterState_Next(PyInterpreterState *interp)
+    void *PyInterpreterState_ThreadHead(PyInterpreterState *interp)
+    void *PyThreadState_Next(void *tstate)
     # The running thread's state: which thread runs a loop (a pointer compare), and its
     # current context (NULL before any was made: a stream's callbacks enter the stream's
     # own context unless it is already the current one, as entering it twice raises).
@@ -57,6 +63,18 @@ cdef class Source:
 
 # final: the core is reached through self.core directly (no vtable), so the C compiler can
 # inline the hot path's small steps.
+cdef enum:
+    GIL_HOLD_MS = 5     # CPython's default switch interval
+
+
+cdef inline bint only_thread() noexcept:
+    """Whether this is the process's one interpreter with one thread state: no other thread
+    can be waiting for the GIL."""
+    cdef PyInterpreterState *interp = PyInterpreterState_Head()
+    return (PyInterpreterState_Next(interp) is NULL and
+            PyThreadState_Next(PyInterpreterState_ThreadHead(interp)) is NULL)
+
+
 @cython.final
 cdef class Reactor:
     """A poller and the fd table of everything it watches."""
@@ -246,16 +264,28 @@ cdef class Reactor:
         return self.watched_keys()
 
     cdef int wait(self, int ms) except -1:
-        """One nogil pass: waits up to ms milliseconds (-1: until something happens; 0 while
-        records wait for the Python pass), serves the streams in C and leaves records for
-        dispatch().  Ctrl-C during the wait raises here.  Returns 1 when Python code ran
-        (signal handlers, the drained callback), else 0."""
+        """One pass of the core: waits up to ms milliseconds (-1: until something happens; 0
+        while records wait for the Python pass), serves the streams in C and leaves records
+        for dispatch().  Ctrl-C during the wait raises here.  Returns 1 when Python code ran
+        (signal handlers, the drained callback), else 0.
+
+        The GIL is released for the wait, but for its first GIL_HOLD_MS where no other
+        thread could want it (one interpreter, one thread state): handing it over and taking
+        it back costs a busy loop more than its callbacks (~400 instructions a wake), and
+        nobody is there to take it.  A thread that appears meanwhile (a C library's, asking
+        for the GIL) waits at most that long, as for any Python code's switch interval."""
         cdef LoopCore *L = &self.core
         cdef int n
         if records_pending(self):
             ms = 0
-        with nogil:
-            n = poll_once(L, ms)
+        if ms == 0 or not only_thread():
+            with nogil:
+                n = poll_once(L, ms)
+        else:
+            n = poll_once(L, ms if 0 < ms < GIL_HOLD_MS else GIL_HOLD_MS)
+            if n == 0 and (ms < 0 or ms > GIL_HOLD_MS) and not records_pending(self):
+                with nogil:  # nothing came: wait on without the GIL
+                    n = poll_once(L, -1 if ms < 0 else ms - GIL_HOLD_MS)
         if n < 0:
             if errno != EINTR:
                 L.wait_errno = errno

@@ -4,8 +4,8 @@
 
 
 cdef int poll_once(LoopCore *L, int timeout_ms) noexcept nogil:
-    """One wait and what it brought; returns 0, or -1 when the wait failed (errno says
-    why)."""
+    """One wait and what it brought; returns the number of events, or -1 when the wait
+    failed (errno says why)."""
     cdef int n, due = wait_ms(L)
     if due >= 0 and (timeout_ms < 0 or due < timeout_ms):
         timeout_ms = due
@@ -14,7 +14,7 @@ cdef int poll_once(LoopCore *L, int timeout_ms) noexcept nogil:
     if n < 0:
         return -1
     handle_events(L, n)
-    return 0
+    return n
 
 
 cdef void run_native(LoopCore *L) noexcept nogil:
