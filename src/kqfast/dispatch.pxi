@@ -5,7 +5,7 @@
 # next iteration.
 
 
-cdef dispatch(Reactor R):
+cdef int dispatch(Reactor R) except -1:
     cdef LoopCore *L = &R.core
     cdef Record *r
     cdef Conn *c
@@ -37,7 +37,7 @@ cdef dispatch(Reactor R):
         R.retired.clear()
 
 
-cdef inline handle_record(LoopCore *L, Record *r, StreamHandle h):
+cdef inline int handle_record(LoopCore *L, Record *r, StreamHandle h) except -1:
     """One record's callbacks (but data's), in its stream's context."""
     if r.kind == R_READABLE:
         h.read_into_buffer()

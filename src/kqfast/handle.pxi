@@ -32,6 +32,19 @@ cdef object _protocol_method(protocol, str name):
     return lambda _, data: bound(data)
 
 
+cdef extern from *:
+    """
+    /* f(a, b) through f's vectorcall slot, which every Python function has: the Python
+       pass's data_received call, without the checks of a generic call. */
+    static CYTHON_INLINE PyObject *kq_call2(PyObject *f, PyObject *a, PyObject *b) {
+        PyObject *args[2] = {a, b};
+        vectorcallfunc call = PyVectorcall_Function(f);
+        return call ? call(f, args, 2, NULL) : PyObject_CallFunctionObjArgs(f, a, b, NULL);
+    }
+    """
+    object call2 "kq_call2"(object f, object a, object b)
+
+
 cdef object _errno_exception(int err):
     return OSError(err, _os.strerror(err))
 
@@ -110,11 +123,10 @@ cdef class StreamHandle:
 
     # ---- writing ----------------------------------------------------------------------
 
-    cdef write(self, data):
+    cdef int write(self, data) except -1:
         cdef Py_buffer view
         if PyBytes_CheckExact(data):  # the common case, without the buffer protocol
-            self.write_bytes(PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
-            return
+            return self.write_bytes(PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError(f"data argument must be a bytes-like object, not "
                             f"{type(data).__name__!r}")
@@ -123,8 +135,9 @@ cdef class StreamHandle:
             self.write_bytes(<const char *>view.buf, view.len)
         finally:
             PyBuffer_Release(&view)
+        return 0
 
-    cdef write_bytes(self, const char *data, Py_ssize_t n):
+    cdef int write_bytes(self, const char *data, Py_ssize_t n) except -1:
         """asyncio's write(): send at once what the socket takes, queue the rest, pause the
         protocol over the high-water mark."""
         cdef Conn *c
@@ -134,28 +147,28 @@ cdef class StreamHandle:
         if self.eof_written:
             raise RuntimeError("Cannot call write() after write_eof()")
         if n == 0:
-            return
+            return 0
         c = self.conn()
         if c is NULL or c.flags & C_LOST:
             self.lost_writes += 1
             if self.lost_writes > _LOG_THRESHOLD_FOR_CONNLOST_WRITES:
                 _aio_log.warning("socket.send() raised exception.")
-            return
+            return 0
         if c.out is NULL:
             sent = kq_send(self.fd, data, n)
             if sent < 0:
                 if not kq_retry_later(errno):
                     self.force_close(_errno_exception(errno), False)
-                    return
+                    return 0
                 sent = 0
             self.reactor.core.bytes_out += sent
             touch(&self.reactor.core, self.fd)
             if sent == n:
-                return
+                return 0
         c.out = buf_append(c.out, data + sent, n - sent)
         if c.out is NULL or set_mask(&self.reactor.core, self.fd, c.mask | KQ_WRITABLE) < 0:
             self.force_close(_errno_exception(ENOMEM if c.out is NULL else errno), True)
-            return
+            return 0
         size = c.out.end - c.out.start
         if c.flags & C_SERVED and size > self.reactor.core.max_output:
             self.force_close(OSError(ENOBUFS, f"output buffer over max_output "
@@ -163,6 +176,7 @@ cdef class StreamHandle:
                                               f"peer does not read"), True)
         elif size > self.high_water:
             self.pause_protocol()
+        return 0
 
     cdef pause_protocol(self):
         cdef Conn *c = self.conn()
@@ -285,19 +299,30 @@ cdef class StreamHandle:
         else:
             self.start_reading()
 
-    cdef inline deliver(self, Conn *c, const char *data, size_t n):
+    cdef inline int deliver(self, Conn *c, const char *data, size_t n) except -1:
         """Input for the protocol: held while reading is paused, framed into lines for a
         LineProtocol, copied into a BufferedProtocol's buffers, or data_received.  c: the
         stream's entry, self.conn() (inline: the Python pass calls this for every read)."""
         if c is NULL or self.closing:
-            return
+            return 0
+        if self.held is not None or c.flags & (C_READ_PAUSED | C_LINE | C_BUFFERED):
+            self.deliver_framed(c, data, n)
+            return 0
+        try:
+            call2(self.data_received, self.protocol, PyBytes_FromStringAndSize(data, n))
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self.fatal_error(exc, "Fatal error: protocol.data_received() call failed.")
+        return 0
+
+    cdef deliver_framed(self, Conn *c, const char *data, size_t n):
+        """deliver's other cases: held while reading is paused, lines, buffers."""
         if self.held is not None or c.flags & C_READ_PAUSED:
             self.hold(data, n)
             return
         try:
-            if not (c.flags & (C_LINE | C_BUFFERED)):
-                self.data_received(self.protocol, PyBytes_FromStringAndSize(data, n))
-            elif c.flags & C_LINE:
+            if c.flags & C_LINE:
                 self.frame_lines(data, n)
             else:
                 _feed_buffered(self.protocol, PyBytes_FromStringAndSize(data, n))

@@ -125,9 +125,14 @@ cdef Py_ssize_t T_HANDLE = slot_offset(Transport, "_h")
 # (method descriptors, as the built-in types' are): Python calls them without the generic
 # call path a Cython function takes.
 cdef object transport_write(object self, PyObject **args, Py_ssize_t nargs, PyObject *kwnames):
-    cdef StreamHandle h = handle_of(self)
+    cdef StreamHandle h = handle_in(self)
+    cdef PyObject *data
     if nargs == 1 and kwnames is NULL:
-        h.write(<object>args[0])
+        data = args[0]
+        if PyBytes_CheckExact(<object>data):  # the common case, without the buffer protocol
+            h.write_bytes(PyBytes_AS_STRING(<object>data), PyBytes_GET_SIZE(<object>data))
+        else:
+            h.write(<object>data)
     else:
         h.write(_one_argument("write", "data", args, nargs, kwnames))
     return None
@@ -143,7 +148,7 @@ cdef object _one_argument(str method, str name, PyObject **args, Py_ssize_t narg
 
 
 cdef object transport_is_closing(object self, object unused):
-    return bool(handle_of(self).closing)
+    return bool(handle_in(self).closing)
 
 
 cdef PyMethodDef _WRITE = PyMethodDef(
@@ -160,10 +165,14 @@ Transport.is_closing = PyDescr_NewMethod(<PyTypeObject *>Transport, &_IS_CLOSING
 cdef inline StreamHandle handle_of(transport):
     """The stream behind a Transport, read from its slot (the hot path skips the attribute
     machinery); a Transport the loop did not make has none."""
-    cdef PyObject *h
     if type(transport) is not Transport and not isinstance(transport, Transport):
         raise TypeError(f"expected a kqfast.Transport, not {type(transport).__name__}")
-    h = slot_get(transport, T_HANDLE)
+    return handle_in(transport)
+
+
+cdef inline StreamHandle handle_in(transport):
+    """handle_of for a transport known to be a Transport (a method descriptor checked)."""
+    cdef PyObject *h = slot_get(transport, T_HANDLE)
     if h is NULL:
         raise TypeError("kqfast transports are made by the event loop")
     return <StreamHandle>h
