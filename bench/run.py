@@ -2,15 +2,22 @@
 
     python bench/run.py [--quick] [--rounds 3] [--duration 5] [--warmup 1] [--out DIR]
                         [--only KEY,...] [--workloads KEY,...] [--skip callgrind,idle,gil]
+                        [--plan] [--list]
 
 Servers run one at a time, interleaved over rounds (A B C ... A B C ...), each pinned to CPU 0
 with the load generator (kqfast-bench, or wrk for HTTP) pinned to CPU 1.  Each server's cost
 per request is read over exactly the load generator's measured window in figures that do not
 depend on the scheduler's tick sampling: CPU ns (schedstat) and system calls (perf) in the
 normal pass, user-space instructions (callgrind) in a pass of its own under valgrind.  Medians
-over rounds are reported, target ratios as the median of each round's ratio.  results.json and
-results.md are rewritten after every measurement, the PNG charts written at the end (and on
-Ctrl-C, from what was measured so far), under bench/results/ (or --out)."""
+over rounds are reported, target ratios as the median of each round's ratio.
+
+results.json and results.md are rewritten after every measurement, the PNG charts written at
+the end (and on Ctrl-C, from what was measured so far), in --out: bench/out/ by default,
+which git ignores (the committed results are bench/results/: pass --out bench/results to
+replace them).  --plan prints what a command would measure and about how long it would take,
+and measures nothing.  The full field (the README's command, 3 rounds of 3 s) takes about an
+hour; --quick takes a few minutes but judges nothing; a run of a few servers judges the
+targets between them (README, "Running the bench")."""
 from __future__ import annotations
 
 import argparse
@@ -345,7 +352,9 @@ class Runner:
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="bench/run.py", description=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
                         help="a smoke run: 1 round, short windows, fewer connections; its "
                              "report says it is too short to judge and gives no verdicts")
@@ -371,7 +380,11 @@ def parse_args():
     parser.add_argument("--skip", default="",
                         help="comma-separated parts to leave out: " + ",".join(PARTS))
     parser.add_argument("--list", action="store_true", help="list the servers and exit")
-    parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--plan", action="store_true",
+                        help="print the measurements and the time they would take, and exit")
+    parser.add_argument("--out", type=Path, default=HERE / "out",
+                        help="where results go (default bench/out/, ignored by git; the "
+                             "committed ones are in bench/results/)")
     args = parser.parse_args()
     q = args.quick
     args.rounds = args.rounds or (1 if q else 3)
@@ -419,7 +432,6 @@ def main() -> int:
         parser.error(f"no workload {', '.join(sorted(bad))}")
     loads = [w for w in every if w.key in wanted]
     grind = [w for w in loads if w.key in grind_wanted]
-    args.out.mkdir(parents=True, exist_ok=True)
 
     have = instruments.available()
     if "callgrind" in skip:
@@ -436,6 +448,13 @@ def main() -> int:
     phases = plan(servers, loads, grind, args, skip)
     planned = len(phases)
     total = sum(p.estimate for p in phases)
+    if args.plan:
+        for phase in phases:
+            print(f"{phase.name} round {phase.round + 1}: about {clock(phase.estimate)}")
+        print(f"run.py: {planned} measurements over {args.rounds} round(s), about "
+              f"{clock(total)}")
+        return 0
+    args.out.mkdir(parents=True, exist_ok=True)
     print(f"run.py: {planned} measurements over {args.rounds} round(s), about {clock(total)}; "
           f"results.json and results.md are rewritten after each one, in {args.out}", file=sys.stderr,
           flush=True)

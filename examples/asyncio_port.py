@@ -1,12 +1,16 @@
-"""One asyncio.Protocol, unchanged, on two event loops: asyncio's own and kqfast's.
+"""Porting an asyncio program to kqfast: one line.  The same program, unchanged, on asyncio's
+own event loop and on kqfast's.
 
-    python examples/asyncio_port.py asyncio --port 8080
-    python examples/asyncio_port.py kqfast --port 8080
+    python examples/asyncio_port.py asyncio --port 8080      # asyncio.run(main(...))
+    python examples/asyncio_port.py kqfast --port 8080       # kqfast.run(main(...))
     nc 127.0.0.1 8080                     # lines come back upper-cased; "quit" closes
 
-UpperEcho below is plain asyncio code that knows nothing of kqfast.  Porting a server means
-replacing `loop.create_server(UpperEcho, host, port)` with `kqfast.Server(UpperEcho, host, port)`:
-the transport kqfast hands to connection_made() has the methods of asyncio's.
+Everything but the last lines of main() is plain asyncio code that knows nothing of kqfast:
+a protocol, loop.create_server(), serve_forever().  Porting it means running main() with
+kqfast.run() instead of asyncio.run() (or passing loop_factory=kqfast.new_event_loop to
+asyncio.run or asyncio.Runner); the transports kqfast hands to connection_made() are
+asyncio.Transports, with their reads and writes run in C.  (kqfast.Server is the other way
+in: native handlers and worker threads, for servers written for kqfast.)
 """
 from __future__ import annotations
 
@@ -45,20 +49,14 @@ def ready(loop_name: str, host: str, port: int) -> None:
           file=sys.stderr, flush=True)
 
 
-async def serve_on_asyncio(host: str, port: int) -> None:
+async def serve(host: str, port: int) -> None:
+    """Plain asyncio: serves UpperEcho until cancelled (Ctrl-C)."""
     loop = asyncio.get_running_loop()
     server = await loop.create_server(UpperEcho, host, port)
     bound_host, bound_port = server.sockets[0].getsockname()[:2]
-    ready("asyncio", bound_host, bound_port)
+    ready(type(loop).__module__.split(".")[0], bound_host, bound_port)
     async with server:
         await server.serve_forever()
-
-
-def serve_on_kqfast(host: str, port: int) -> None:
-    server = kqfast.Server(UpperEcho, host, port)
-    bound_host, bound_port = server.address
-    ready("kqfast", bound_host, bound_port)
-    server.serve_forever()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,9 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.loop == "asyncio":
-            asyncio.run(serve_on_asyncio(args.host, args.port))
+            asyncio.run(serve(args.host, args.port))
         else:
-            serve_on_kqfast(args.host, args.port)
+            kqfast.run(serve(args.host, args.port))  # the port: this line
     except KeyboardInterrupt:
         pass
     return 0

@@ -52,8 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     server = kqfast.Server(ChatProtocol, args.host, args.port, idle_timeout=None)
-    host, port = server.address
-    print(f"chat: listening on {host}:{port} (backend={kqfast.BACKEND})",
+    address = server.address  # (host, port), or the path of a Unix socket
+    where = address if isinstance(address, str) else f"{address[0]}:{address[1]}"
+    print(f"chat: listening on {where} (backend={kqfast.BACKEND})",
           file=sys.stderr, flush=True)
     try:
         server.serve_forever()

@@ -182,3 +182,37 @@ def test_asyncio_streams_on_kqfast():
         return results
 
     assert kqfast.run(main()) == [True] * 50
+
+
+def readme_snippet(marker: str) -> str:
+    """The python block that follows `<!-- marker -->` in the README."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    after = text.split(f"<!-- {marker} -->", 1)[1]
+    return after.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_readme_uvicorn_server_inside_kqfast_run(tmp_path):
+    """The README's way for uvicorn older than 0.36 (whose --loop takes no factory), run as
+    written with the installed uvicorn: uvicorn.Server inside kqfast.run serves on kqfast's
+    loop and stops on Ctrl-C."""
+    code = readme_snippet("uvicorn-inside-kqfast-run")
+    assert '"app:app"' in code and "port=8000" in code
+    code = code.replace('"app:app"', '"asgi_hello:app"').replace("port=8000", "port=0")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=APPS, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        port = None
+        for line in proc.stderr:
+            if "Uvicorn running on http://127.0.0.1:" in line:
+                port = int(line.split("http://127.0.0.1:")[1].split()[0])
+                break
+        assert port, "uvicorn did not start"
+        assert get(("127.0.0.1", port), "/older")["loop"] == LOOP
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err, err

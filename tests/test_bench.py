@@ -222,3 +222,62 @@ def test_runner_writes_what_it_measured_when_interrupted(tmp_path):
     assert not results["complete"] and "Ctrl-C" in results["progress"]["interrupted"]
     assert results["load"]["pingpong"]["kqfast-echo"]["rounds"] == 1
     assert "Incomplete" in (out / "results.md").read_text()
+
+
+# ---- the end of a run: a clean close, which servers do not log ---------------------------
+
+STREAMS_SERVER = """
+import asyncio, sys, kqfast
+
+async def echo(reader, writer):
+    # As stream servers are written: no handler for resets, so a reset gets logged.
+    while data := await reader.read(65536):
+        writer.write(data)
+        await writer.drain()
+    writer.close()
+
+async def main():
+    server = await asyncio.start_server(echo, "127.0.0.1", 0)
+    print("READY", server.sockets[0].getsockname()[1], flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)  # until EOF
+    server.close()
+    await server.wait_closed()
+
+if sys.argv[1] == "kqfast":
+    kqfast.run(main())
+else:
+    asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "kqfast"])
+def test_bench_ends_each_connection_cleanly_so_a_streams_server_logs_nothing(loop):
+    """kqfast-bench reads the replies in flight, then closes with a FIN: a streams server on
+    asyncio's loop or on kqfast.Loop sees EOF, never ConnectionResetError."""
+    server = subprocess.Popen([sys.executable, "-c", STREAMS_SERVER, loop], text=True,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE)
+    try:
+        ready = server.stdout.readline().split()
+        assert ready and ready[0] == "READY", server.stderr.read()
+        code, report, err = bench(("127.0.0.1", int(ready[1])), "-c", "20", "-p", "4",
+                                  "-d", "0.5", "-w", "0.1")
+        assert code == 0 and report["errors"] == 0, err
+        _, server_err = server.communicate("", timeout=30)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.communicate()
+    assert server.returncode == 0
+    assert server_err == "", server_err
+
+
+def test_bench_drives_a_unix_socket_server(echo_server, tmp_path):
+    server = echo_server("--host", str(tmp_path / "echo.sock"), "--mode", "raw")
+    done = subprocess.run([sys.executable, "-m", "kqfast.bench_cli", server.path, "--json",
+                           "-c", "4", "-d", "0.3", "-w", "0.1"], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["target"] == server.path
+    assert report["connected"] == 4 and report["errors"] == 0 and report["requests"] > 0

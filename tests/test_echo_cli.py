@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import kqfast
-from kqfast.server import default_max_connections
+from kqfast._server import default_max_connections
 from support import (
     LineReader, connect_refused, connect_to, echo_through, recv_exactly, recv_until_closed,
     roundtrip, run_echo,
@@ -546,3 +546,20 @@ def test_shutdown_timeout_bounds_a_client_that_never_reads(echo):
         assert time.monotonic() - started < 1 + 3
     assert code == 0, err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_shutdown_closes_an_idle_client_at_once_with_a_fin(echo, sig):
+    """A client that is owed nothing and sends nothing is closed at once at shutdown: it
+    reads EOF, the server exits without lingering for it (linger_timeout, 2 s), and no reset
+    ever follows the FIN."""
+    server = echo("--shutdown-timeout", "30")
+    with server.connect(timeout=10) as client:
+        assert roundtrip(client, b"hello\n") == b"hello\n"
+        server.proc.send_signal(sig)
+        assert client.recv(16) == b""  # the FIN
+        code, err = server.stop(sig=None, timeout=10)
+        assert code == 0, err
+        # After the server is gone: a linger that gave up would have reset us by now.
+        assert client.recv(16) == b""
+        assert client.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0

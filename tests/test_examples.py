@@ -39,6 +39,7 @@ class Example:
             _, rest = self.proc.communicate()
             pytest.fail(f"{script} did not start: {line}{rest}")
         self.address = (match["host"], int(match["port"]))
+        self.ready_line = line
 
     def connect(self) -> socket.socket:
         return socket.create_connection(self.address, timeout=10)
@@ -91,12 +92,25 @@ def read_to_eof(sock: socket.socket, timeout: float = 10.0) -> bytes:
     return read_until(sock, b"\0never\0", timeout)
 
 
+def last_line_at_eof(server: Example, line: bytes) -> bytes:
+    """Sends a line without its newline, then EOF; returns all the server sent back."""
+    with server.connect() as sock:
+        sock.sendall(line)
+        sock.shutdown(socket.SHUT_WR)
+        return read_to_eof(sock)
+
+
 @pytest.mark.parametrize("args", [(), ("--python",)], ids=["native", "python"])
 def test_echo(example, args):
+    """Native and --python alike: lines echoed, a blank line closes (after what is owed), a
+    last line without a newline is echoed at EOF."""
     server = example("echo.py", *args)
     with server.connect() as sock:
         sock.sendall(b"hello\nworld\n")
         assert read_until(sock, b"world\n") == b"hello\nworld\n"
+        sock.sendall(b"last\n\nnever\n")
+        assert read_to_eof(sock) == b"last\n"
+    assert last_line_at_eof(server, b"partial") == b"partial"
     assert server.interrupt() == 0
 
 
@@ -118,15 +132,15 @@ def test_chat_broadcasts_every_line_to_every_client(example):
 
 
 @pytest.mark.parametrize("loop", ["asyncio", "kqfast"])
-def test_asyncio_port_runs_the_same_protocol_on_both_loops(example, loop):
+def test_asyncio_port_runs_the_same_program_on_both_loops(example, loop):
+    """The same asyncio program through asyncio.run and kqfast.run: the loop that serves is
+    the one asked for, and it behaves the same."""
     server = example("asyncio_port.py", loop)
+    assert server.ready_line.rstrip().endswith(f"(loop={loop})")
     with server.connect() as sock:
         sock.sendall(b"one\ntwo\n")
         assert read_until(sock, b"TWO\n") == b"ONE\nTWO\n"
         sock.sendall(b"quit\n")
         assert read_to_eof(sock) == b""
-    with server.connect() as sock:
-        sock.sendall(b"partial")
-        sock.shutdown(socket.SHUT_WR)
-        assert read_to_eof(sock) == b"PARTIAL"
+    assert last_line_at_eof(server, b"partial") == b"PARTIAL"
     assert server.interrupt() == 0

@@ -315,7 +315,7 @@ def test_09_unix_socket_file_goes_with_the_server_and_a_stale_one_is_replaced(tm
 def test_09_two_workers_on_a_unix_path_share_it(tmp_path, handler):
     """--workers 2 on a Unix path: one listener, hand-off to the other loop (a1341b0:
     EADDRINUSE)."""
-    from kqfast.echo import EchoProtocol
+    from kqfast._echo import EchoProtocol
     path = str(tmp_path / "kq.sock")
     server = kqfast.Server(EchoProtocol if handler == "python" else handler, host=path,
                            workers=2).start()
@@ -522,6 +522,66 @@ def test_15_handler_errors_are_counted_and_logged_with_the_peer(caplog):
         assert server.stats()["errors"] >= 1
         record = next(r for r in caplog.records if r.name == "kqfast" and r.exc_info)
         assert str(peer) in record.getMessage() and "handler bug" in str(record.exc_info[1])
+    finally:
+        server.stop()
+
+
+class _RaisesAfterReplying(asyncio.Protocol):
+    """Replies to the first data, then raises in the same callback."""
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def data_received(self, data):
+        self.transport.write(b"reply\n")
+        raise ValueError("handler bug")
+
+
+def _first_reply_then_how_it_ended(address) -> tuple[bytes, str]:
+    with connect_to(address) as client:
+        client.sendall(b"x")
+        return recv_until_closed(client)
+
+
+def test_15_a_handler_that_raises_closes_its_client_as_asyncio_does(caplog):
+    """asyncio's transport closes (FIN) the connection of a callback that raised; so does
+    kqfast.Server's, after sending what the socket took: never a reset."""
+    async def on_asyncio():
+        server = await asyncio.get_running_loop().create_server(
+            _RaisesAfterReplying, "127.0.0.1", 0)
+        address = server.sockets[0].getsockname()
+        async with server:
+            return await asyncio.to_thread(_first_reply_then_how_it_ended, address)
+
+    oracle = asyncio.run(on_asyncio())
+    server = kqfast.Server(_RaisesAfterReplying, port=0).start()
+    try:
+        assert _first_reply_then_how_it_ended(server.address) == oracle == (b"reply\n", "eof")
+    finally:
+        server.stop()
+
+
+def test_15_a_protocol_factory_that_raises_is_logged_with_the_peer(caplog):
+    def factory():
+        raise RuntimeError("factory bug")
+
+    server = kqfast.Server(factory, port=0).start()
+    try:
+        with socket.socket() as client:
+            client.settimeout(5)
+            client.bind(("127.0.0.1", 0))
+            peer = client.getsockname()
+            try:  # the server resets a connection it has no protocol for, maybe mid-connect
+                client.connect(server.address)
+                recv_until_closed(client)
+            except ConnectionResetError:
+                pass
+        # The count goes up just before the line is logged, on the loop's thread.
+        assert wait_until(lambda: any(r.name == "kqfast" for r in caplog.records))
+        assert server.stats()["handler_errors"] == 1
+        record = next(r for r in caplog.records if r.name == "kqfast" and r.exc_info)
+        assert f"(peer {peer})" in record.getMessage()
+        assert "factory bug" in str(record.exc_info[1])
     finally:
         server.stop()
 

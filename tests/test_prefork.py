@@ -1,5 +1,5 @@
 """kqfast-echo --processes: pre-forked children that start, share a port with no one else,
-and are logged and replaced when they die (kqfast.prefork)."""
+and are logged and replaced when they die (kqfast._prefork)."""
 from __future__ import annotations
 
 import os
@@ -24,7 +24,7 @@ REPLACED = re.compile(r"kqfast-echo: process (\d+) killed by SIGKILL; replaced b
 # byte first); the other reports ready and waits to be stopped.
 DIES_BEFORE_READY = textwrap.dedent("""
     import os, signal, sys
-    from kqfast.prefork import ProcessGroup
+    from kqfast._prefork import ProcessGroup
 
     token_r, token_w = os.pipe()
     os.write(token_w, b"x")

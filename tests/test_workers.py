@@ -9,7 +9,7 @@ import threading
 import pytest
 
 import kqfast
-from kqfast.echo import EchoProtocol
+from kqfast._echo import EchoProtocol
 from support import (
     connect_refused, connect_to, recv_exactly, recv_until_closed, roundtrip,
     run_echo, wait_until,

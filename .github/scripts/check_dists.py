@@ -10,7 +10,7 @@ from pathlib import PurePosixPath
 
 SDIST_MUST_HAVE = [
     "LICENSE", "README.md", "CHANGELOG.md", "MANIFEST.in", "pyproject.toml", "setup.py",
-    "src/kqfast/_core.pyx", "src/kqfast/poller.pxi", "src/kqfast/loop.pxi",
+    "src/kqfast/_core.pyx", "src/kqfast/poller.pxi", "src/kqfast/aio.pxi",
     "src/kqfast/transport.pxi", "src/kqfast/sys.pxd", "src/kqfast/poller.h",
     "src/kqfast/poller.c", "src/kqfast/poller_epoll.c", "src/kqfast/poller_kqueue.c",
     "src/kqfast/netio.h", "src/kqfast/netio.c", "src/kqfast/_core.pyi", "src/kqfast/py.typed",

@@ -1,5 +1,5 @@
 """The asyncio.Protocol echo on any asyncio event loop (--loop asyncio|uvloop|rloop|kqfast),
-serving the very protocol class kqfast-echo --handler python runs (kqfast.echo.EchoProtocol,
+serving the very protocol class kqfast-echo --handler python runs (kqfast._echo.EchoProtocol,
 a plain asyncio.Protocol), so only the loop under it differs.
 
 Usage: asyncio_echo.py [--loop NAME] [PORT].  Prints kqfast-echo's ready line on stderr
@@ -9,7 +9,7 @@ import asyncio
 import sys
 
 from _loops import LOOPS, forever, run
-from kqfast.echo import EchoProtocol
+from kqfast._echo import EchoProtocol
 
 
 async def serve(name: str, port: int) -> None:

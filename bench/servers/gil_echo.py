@@ -15,7 +15,7 @@ import threading
 import time
 
 import kqfast
-from kqfast.echo import EchoProtocol
+from kqfast._echo import EchoProtocol
 
 spins = 0
 

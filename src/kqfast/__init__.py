@@ -1,23 +1,37 @@
-"""kqfast: TCP serving from Python with the hot loop in C, kqueue (or epoll) called directly
-with the GIL released.  kqfast.Loop is an asyncio event loop whose stream transports run on
-that core; kqfast.Server serves native handlers (never taking the GIL) or any protocol."""
+"""kqfast: an asyncio event loop and a TCP server whose hot loop (accept, read, write, and
+kqueue or epoll) runs in C with the GIL released.
+
+    kqfast.run(main())                     # asyncio.run, on kqfast's loop (kqfast.Loop)
+    uvicorn app:app --loop kqfast:new_event_loop
+    kqfast.Server(kqfast.LINE_ECHO, "127.0.0.1", 8080).serve_forever()
+
+The asyncio event loop is kqfast.Loop.  kqfast.EventLoop is something else: the tutorial's
+poller over a listening kqfast.Socket (kqfast.listen), kept under the tutorial's name."""
+from __future__ import annotations
+
+import asyncio
+
 from kqfast._core import (
     BACKEND,
     ECHO,
     LINE_ECHO,
     LineProtocol,
+    NativeHandler,
     Socket,
     Transport,
-    listen,
 )
+from kqfast._server import LoopStats, Server, ServerAddress, ServerStats, serve
+from kqfast._tutorial import EventLoop, listen
 from kqfast.loop import Loop, new_event_loop, run
-from kqfast.server import Server, serve
-from kqfast.tutorial import EventLoop
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
+
+TLS_ENGINE = "asyncio SSLProtocol over the core"
+"""What runs TLS (ssl=, start_tls) on kqfast.Loop: today asyncio's own SSLProtocol over a
+core stream."""
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> type[asyncio.AbstractEventLoopPolicy]:
     if name == "EventLoopPolicy":  # made on first use: see kqfast.loop
         from kqfast import loop
         return loop.event_loop_policy(stacklevel=2)
@@ -25,7 +39,18 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "BACKEND", "ECHO", "LINE_ECHO", "EventLoop", "EventLoopPolicy", "LineProtocol", "Loop",
-    "Server", "Socket", "Transport", "listen", "new_event_loop", "run", "serve",
-    "__version__",
+    # The asyncio event loop: what asyncio, uvicorn, aiohttp and websockets code runs on.
+    "Loop", "new_event_loop", "run", "EventLoopPolicy", "Transport",
+    # The server: native handlers (never take the GIL) or any asyncio.Protocol.
+    "Server", "serve", "ECHO", "LINE_ECHO", "NativeHandler", "LineProtocol", "ServerAddress",
+    "ServerStats", "LoopStats",
+    # What this build is.
+    "BACKEND", "TLS_ENGINE", "__version__",
+    # The tutorial's level: a listening Socket and its poller (not an asyncio event loop).
+    "listen", "Socket", "EventLoop",
 ]
+
+
+def __dir__() -> list[str]:
+    """The public API only: the modules behind it are kqfast's own business."""
+    return list(__all__)

@@ -2,10 +2,11 @@
 # transport.pxi, dispatch.pxi, aio.pxi).
 # Keep them true: `python -m mypy.stubtest kqfast._core` compares them with the built module.
 import asyncio
+import contextvars
 import selectors
 import socket
 from asyncio import transports
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from types import TracebackType
 from typing import Any, Literal, final
 
@@ -70,11 +71,6 @@ class Socket:
         /,
     ) -> None: ...
 
-def listen(
-    host: str = "127.0.0.1", port: int = 8080, backlog: int = 1024, *, reuse_port: bool = False
-) -> Socket:
-    """Binds and listens on an IPv4/IPv6 address, a name or a Unix path (a host with "/")."""
-
 def _listen_fd(host: str, port: int, backlog: int, reuse_port: bool) -> tuple[int, int]: ...
 
 class LineProtocol(asyncio.Protocol):
@@ -125,12 +121,15 @@ class Source:
     def server(self) -> asyncio.Server | None: ...
     @property
     def served(self) -> bool: ...
+    @property
+    def context(self) -> contextvars.Context | None: ...
     def __new__(
         cls,
         sock: socket.socket | None,
         protocol_factory: Callable[[], asyncio.BaseProtocol] | None,
         server: asyncio.Server | None,
         served: bool,
+        context: contextvars.Context | None = None,
     ) -> Self: ...
 
 @final
@@ -139,6 +138,8 @@ class Reactor:
     loops and every kqfast.Loop are built on one)."""
 
     thread_id: int
+    closed: bool
+    debug: bool
     @property
     def io_handle(self) -> asyncio.Handle: ...
     @property
@@ -192,6 +193,36 @@ def monotonic() -> float:
 def run_once(self: asyncio.AbstractEventLoop) -> None:
     """One iteration of kqfast.Loop: asyncio's _run_once with the core's pass."""
 
+# kqfast.Loop's methods of these names (asyncio's signatures; type checkers see asyncio's).
+def call_soon(
+    self: asyncio.AbstractEventLoop,
+    callback: Callable[..., object],
+    *args: Any,
+    context: contextvars.Context | None = None,
+) -> asyncio.Handle: ...
+def call_at(
+    self: asyncio.AbstractEventLoop,
+    when: float,
+    callback: Callable[..., object],
+    *args: Any,
+    context: contextvars.Context | None = None,
+) -> asyncio.TimerHandle: ...
+def call_later(
+    self: asyncio.AbstractEventLoop,
+    delay: float,
+    callback: Callable[..., object],
+    *args: Any,
+    context: contextvars.Context | None = None,
+) -> asyncio.TimerHandle: ...
+def create_future(self: asyncio.AbstractEventLoop) -> asyncio.Future[Any]: ...
+def create_task(
+    self: asyncio.AbstractEventLoop,
+    coro: Coroutine[Any, Any, Any],
+    *,
+    name: object = None,
+    **context: Any,
+) -> asyncio.Task[Any]: ...
+
 def adopt(
     R: Reactor,
     sock: socket.socket,
@@ -199,5 +230,6 @@ def adopt(
     waiter: asyncio.Future[None] | None,
     extra: dict[str, Any] | None,
     server: asyncio.Server | None,
+    context: contextvars.Context | None,
 ) -> Transport: ...
 def dispatch_handle(R: Reactor) -> None: ...

@@ -8,20 +8,37 @@ import resource
 import socket
 import sys
 import time
+from typing import Any
 
+from kqfast import __version__
+from kqfast._addresses import address_text
+from kqfast._argtypes import count, seconds
 from kqfast._bench import LoadClient
-from kqfast.argtypes import count, seconds
 
 # The stderr lines that bracket the measured window (bench/run.py reads the server's CPU then).
 MEASURING = "kqfast-bench: measuring"
 DONE = "kqfast-bench: done"
 
 
+# How long the end of a run waits for the replies still in flight before it closes.
+DRAIN_SECONDS = 5.0
+
+
 def _target(text: str) -> tuple[str, int]:
+    """HOST:PORT, or a Unix socket path (anything with a "/"; its port is 0)."""
+    if "/" in text:
+        return text, 0
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise argparse.ArgumentTypeError("must be HOST:PORT, e.g. 127.0.0.1:8080 or [::1]:8080")
+        raise argparse.ArgumentTypeError(
+            f"must be HOST:PORT or a Unix socket path, e.g. 127.0.0.1:8080, [::1]:8080 or "
+            f"/tmp/echo.sock, not {text!r}")
     return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _where(target: tuple[str, int]) -> str:
+    host, port = target
+    return host if "/" in host else address_text(host, port)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,8 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "a newline, so line echo servers work too) in flight on each connection, "
                     "checks every echoed byte, and reports round trips per second, latency "
                     "and its own CPU per request.")
-    p.add_argument("target", type=_target, metavar="HOST:PORT")
-    p.add_argument("-c", "--connections", type=count(1), default=50)
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    p.add_argument("target", type=_target, metavar="HOST:PORT",
+                   help="the echo server: HOST:PORT (IPv6 as [::1]:8080) or a Unix socket "
+                        "path (anything with a /)")
+    p.add_argument("-c", "--connections", type=count(1), default=50,
+                   help="client connections (default 50)")
     p.add_argument("-s", "--size", type=count(2), default=16,
                    help="bytes per message, newline included (default 16)")
     p.add_argument("-p", "--pipeline", type=count(1), default=1,
@@ -56,8 +77,14 @@ def raise_fd_limit(needed: int) -> None:
 
 
 def resolve(host: str, port: int) -> str:
-    """The numeric address, looked up once rather than once per connection."""
-    return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][4][0]
+    """The numeric address, looked up once rather than once per connection (a Unix socket
+    path as it is)."""
+    if "/" in host:
+        return host
+    try:
+        return str(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][4][0])
+    except socket.gaierror as exc:
+        raise OSError(exc.errno, f"cannot resolve host {host!r}: {exc.strerror}") from None
 
 
 def connect_all(client: LoadClient, timeout: float) -> None:
@@ -99,13 +126,14 @@ def measure(client: LoadClient, duration: float) -> tuple[float, float, float]:
     return elapsed, user1 - user0, sys1 - sys0
 
 
-def report(args, connected: int, client: LoadClient, elapsed: float, user: float,
-           system: float) -> dict:
+def report(args: argparse.Namespace, connected: int, client: LoadClient, elapsed: float,
+           user: float, system: float) -> dict[str, Any]:
+    """The run's report, as --json prints it."""
     requests = client.requests
     per_request = (lambda seconds: seconds * 1e6 / requests) if requests else (lambda s: None)
     errors = client.errors
     return {
-        "target": f"{args.target[0]}:{args.target[1]}",
+        "target": _where(args.target),
         "connections": args.connections,
         "connected": connected,
         "size": args.size,
@@ -126,7 +154,8 @@ def report(args, connected: int, client: LoadClient, elapsed: float, user: float
     }
 
 
-def print_summary(r: dict) -> None:
+def print_summary(r: dict[str, Any]) -> None:
+    """The report for people."""
     lat, cpu = r["latency_us"], r["client_cpu"]
     print(f"kqfast-bench {r['target']}: {r['connected']}/{r['connections']} connections, "
           f"{r['size']} B messages, pipeline {r['pipeline']}, {r['duration']:.2f} s")
@@ -152,9 +181,12 @@ def main(argv: list[str] | None = None) -> int:
         if not client.opened:
             err = client.first_error
             why = os.strerror(err) if err else "timed out"
-            raise OSError(err, f"no connection to {host}:{args.target[1]}: {why}")
+            raise OSError(err, f"no connection to {_where(args.target)}: {why}")
         client.run(args.warmup)
         elapsed, user, system = measure(client, args.duration)
+        # A clean end: the replies in flight are read, then each connection closes with a FIN
+        # (a reset would have the server log ConnectionResetError for every connection).
+        client.drain(DRAIN_SECONDS)
         client.close()
     except OSError as exc:
         print(f"kqfast-bench: {exc.strerror or exc}", file=sys.stderr)

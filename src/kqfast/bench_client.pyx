@@ -1,10 +1,12 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, embedsignature=True
 # cython: freethreading_compatible=True
 # (one thread runs a load: nothing here is shared between threads)
-"""kqfast-bench's load generator: N non-blocking client connections on kqfast's own poller,
-each keeping `pipeline` messages in flight, every echoed byte checked against what was sent,
-every round trip's latency counted into a log-bucket histogram.  The loop runs without the GIL,
-so Python only wakes between slices (once a second) to report."""
+"""kqfast-bench's load generator: N non-blocking client connections (TCP or a Unix socket) on
+kqfast's own poller, each keeping `pipeline` messages in flight, every echoed byte checked
+against what was sent, every round trip's latency counted into a log-bucket histogram.  The
+loop runs without the GIL, so Python only wakes between slices (once a second) to report.  At
+the end each connection stops sending, reads the replies still in flight, and closes cleanly
+(a FIN, never a reset a server would log)."""
 import os as _os
 import resource as _resource
 
@@ -148,6 +150,7 @@ cdef class LoadClient:
     cdef int port, nconns, pipeline
     cdef size_t size, period
     cdef int next_to_start, in_window, open_count, dead_count, ever_opened
+    cdef bint draining      # no new messages: only the replies in flight are read
     cdef uint64_t requests
     cdef uint64_t errors[E_KINDS]
     cdef int first_errno, wait_errno
@@ -155,6 +158,7 @@ cdef class LoadClient:
     cdef Histogram interval
 
     def __cinit__(self, str host, int port, int connections, int size, int pipeline):
+        # host: a numeric address, or a Unix socket path (with a "/"; port unused).
         if connections < 1 or pipeline < 1:
             raise ValueError("connections and pipeline must be at least 1")
         if size < 2:
@@ -305,6 +309,8 @@ cdef class LoadClient:
         if not c.answered:
             c.answered = 1
             self.in_window -= 1
+        if self.draining:
+            return  # the measurement is over: nothing is counted or sent any more
         # Each completed message is a round trip: count it, and send the next in its place.
         now = now_ns()
         while done < c.received // self.size:
@@ -329,7 +335,8 @@ cdef class LoadClient:
         cdef uint64_t now = now_ns()
         cdef Conn *c
         while now < deadline and self.dead_count < self.nconns:
-            self.fill_connect_window()
+            if not self.draining:
+                self.fill_connect_window()
             ms = <int>((deadline - now + 999999) // 1000000)
             n = kq_poller_wait(self.poller, self.events, EVENT_CAP, ms)
             if n < 0:
@@ -361,10 +368,39 @@ cdef class LoadClient:
             if self.wait_errno:
                 raise OSError(self.wait_errno, _os.strerror(self.wait_errno))
 
+    def drain(self, double seconds):
+        """Stops sending and reads the replies still in flight, for up to this long; returns
+        how many connections still await some."""
+        cdef uint64_t deadline = now_ns() + <uint64_t>(seconds * 1e9)
+        self.draining = True
+        while self.awaiting() and now_ns() < deadline:
+            self.run(min(0.05, (deadline - now_ns()) / 1e9))
+        return self.awaiting()
+
+    cdef int awaiting(self) noexcept:
+        """Open connections with replies still in flight."""
+        cdef int i, n = 0
+        for i in range(self.nconns):
+            if self.conns[i].state == S_OPEN and self.conns[i].received < self.conns[i].queued:
+                n += 1
+        return n
+
     def close(self):
-        """Resets every connection (SO_LINGER 0): echoes still in flight are not waited
-        for, and no TIME_WAIT is left behind to use up ports over many runs."""
-        self.abort_all()
+        """Closes every connection: with a FIN (a clean close, as any client's) when all its
+        replies are in, so that no server logs a reset; with a reset (SO_LINGER 0) when some
+        are still in flight or it is still connecting.  drain() first, to have them in."""
+        cdef Conn *c
+        cdef int i
+        for i in range(self.nconns):
+            c = &self.conns[i]
+            if c.fd < 0:
+                continue
+            kq_poller_set(self.poller, c.fd, c.mask, 0)
+            if c.state == S_OPEN and c.received == c.queued:
+                c_close(c.fd)
+            else:
+                kq_abort_fd(c.fd)
+            c.fd = -1
 
     def reset(self):
         """Starts a new measurement: requests and latencies so far are dropped.  Errors are

@@ -9,11 +9,11 @@ import time
 from typing import Callable
 
 import kqfast
-from kqfast.argtypes import count, host, port, seconds
-from kqfast.echo import EchoProtocol, LineEchoProtocol
-from kqfast.addresses import address_text
-from kqfast.prefork import ProcessGroup, reserve_port
-from kqfast.server import Server, default_max_connections
+from kqfast._argtypes import count, host, port, seconds
+from kqfast._echo import EchoProtocol, LineEchoProtocol
+from kqfast._addresses import address_text
+from kqfast._prefork import ProcessGroup, reserve_port
+from kqfast._server import Server, ServerAddress, default_max_connections
 
 # The connection limit's warnings: the counter is read this often, and a line written at most
 # once per REJECTION_REPORT seconds, so that a flood of clients cannot flood stderr too.
@@ -27,8 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Echo server on kqfast: line mode echoes every line until a blank one.")
     p.add_argument("--version", action="version", version=f"%(prog)s {kqfast.__version__}")
     p.add_argument("--host", type=host, default="127.0.0.1",
-                   help="address or name to bind (IPv6 also as [::1]), or a Unix socket path "
-                        "(default %(default)s)")
+                   help="address or name to bind (IPv6 also as [::1]; a name binds every "
+                        "address it resolves to, localhost 127.0.0.1 and ::1 where both are "
+                        "configured), or a Unix socket path (default %(default)s)")
     p.add_argument("--port", type=port, default=8080,
                    help="0 picks a free port (default %(default)s)")
     p.add_argument("--mode", choices=("line", "raw"), default="line",
@@ -40,8 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=count(1), default=1,
                    help="event loops (threads) in each process (default %(default)s)")
     p.add_argument("--processes", type=count(1), default=1,
-                   help="pre-forked server processes sharing the port (SO_REUSEPORT): the way "
-                        "to use several cores with --handler python (default %(default)s)")
+                   help="pre-forked server processes sharing the port (SO_REUSEPORT; TCP "
+                        "only, not a Unix socket path): the way to use several cores with "
+                        "--handler python (default %(default)s)")
     p.add_argument("--backlog", type=count(1), default=1024,
                    help="length of the queue of clients not yet accepted (default %(default)s)")
     p.add_argument("--max-connections", type=count(1), default=None,
@@ -62,14 +64,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.processes > 1 and "/" in args.host:
-        parser.error("--processes needs a TCP host: Unix sockets cannot share a path")
+        parser.error("--processes needs a TCP host: a Unix socket path has one listener, "
+                     "which processes cannot share (use --workers)")
     try:
         if args.processes > 1:
             return _serve_processes(args)
         server = _make_server(args, args.port, reuse_port=False)
     except OSError as exc:
         return _fail(exc)
-    return _serve(args, server, lambda: _announce(args, server.address))
+    return _serve(args, server, lambda: _announce(args, server.addresses))
 
 
 def _make_server(args, port: int, reuse_port: bool) -> Server:
@@ -99,12 +102,14 @@ def _serve(args, server: Server, ready: Callable[[], None], log_shutdown: bool =
     return 0
 
 
-def _serve_processes(args) -> int:
-    holder, port = reserve_port(args.host, args.port)
-    address = holder.getsockname()[:2]
+def _serve_processes(args: argparse.Namespace) -> int:
+    holders = reserve_port(args.host, args.port)
+    addresses: list[ServerAddress] = [holder.getsockname()[:2] for holder in holders]
+    port = holders[0].getsockname()[1]
 
-    def serve_child(ready) -> int:
-        holder.close()  # the parent's reservation, not this child's
+    def serve_child(ready: Callable[[], None]) -> int:
+        for holder in holders:
+            holder.close()  # the parent's reservation, not this child's
         try:
             server = _make_server(args, port, reuse_port=True)
         except OSError as exc:
@@ -116,9 +121,10 @@ def _serve_processes(args) -> int:
     _stop_on_signals(group.stop, log_shutdown=True)
     try:
         if group.start():
-            _announce(args, address)
+            _announce(args, addresses)
     finally:
-        holder.close()
+        for holder in holders:
+            holder.close()
     status = group.supervise()
     _say(group.failure or "stopped")
     return status
@@ -161,9 +167,10 @@ def _warn_of_rejections(server: Server, limit: int) -> threading.Event:
     return done
 
 
-def _announce(args, address) -> None:
+def _announce(args: argparse.Namespace, addresses: list[ServerAddress]) -> None:
     """The ready line: tests and scripts wait for it on stderr."""
-    where = address if isinstance(address, str) else address_text(*address)
+    where = " and ".join(address if isinstance(address, str) else address_text(*address)
+                         for address in addresses)
     processes = f", processes={args.processes}" if args.processes > 1 else ""
     _say(f"listening on {where} (backend={kqfast.BACKEND}, handler={args.handler},"
          f" mode={args.mode}, workers={args.workers}{processes})")

@@ -474,11 +474,11 @@ cdef class StreamHandle:
         self.call_connection_lost(None)
 
     cdef fatal_error(self, exc, message):
-        """A protocol callback raised: reported, then the stream closes at once (a reset for
-        kqfast.Server's streams, whose peers must not take a cut reply for a whole one)."""
+        """A protocol callback raised: reported, then the stream closes at once, queued
+        output dropped, as asyncio's transport does (a close, not a reset)."""
         if not isinstance(exc, OSError):
             self.report(exc, message)
-        self.force_close(exc, self.served())
+        self.force_close(exc, False)
 
     cdef report(self, exc, message):
         self.reactor.loop.call_exception_handler({"message": message, "exception": exc,

@@ -19,10 +19,14 @@ import sys
 import threading
 import warnings
 from asyncio import base_events, sslproto
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from kqfast import _asyncio_hooks, _core
 
 __all__ = ["Loop", "new_event_loop", "run", "EventLoopPolicy"]
+
+_T = TypeVar("_T")
 
 # Python 3.15's asyncio.Server keeps the context it was made in and hands it to
 # _start_serving; on older ones kqfast.Loop.create_server keeps it (_capture_context).
@@ -36,7 +40,25 @@ def _reactor_attribute(name: str) -> property:
 
 
 class Loop(asyncio.SelectorEventLoop):
-    """An asyncio event loop on kqfast's core (asyncio.AbstractEventLoop in full)."""
+    """kqfast's asyncio event loop: asyncio.AbstractEventLoop in full, with TCP and Unix
+    stream I/O (accept, read, write, EOF, write buffering) run by kqfast's core in C without
+    the GIL, and protocol callbacks batched under one GIL acquisition per wake.  Everything
+    else (timers, tasks, executors, signals, subprocesses, datagrams, TLS) is the standard
+    library's own code, so asyncio programs run unchanged.
+
+    Ways to use it, most common first:
+
+        kqfast.run(main())                                   # like asyncio.run / uvloop.run
+        asyncio.run(main(), loop_factory=kqfast.new_event_loop)       # Python 3.12+
+        with asyncio.Runner(loop_factory=kqfast.new_event_loop) as runner:   # 3.11+
+            runner.run(main())
+        uvicorn app:app --loop kqfast:new_event_loop         # uvicorn 0.36 or later
+        loop = kqfast.Loop()                                 # by hand, as any event loop:
+        loop.run_until_complete(main()); loop.close()
+
+    A transport belongs to the loop's thread: called from another thread it raises
+    RuntimeError (use loop.call_soon_threadsafe).  Not to be confused with kqfast.EventLoop,
+    the tutorial's poller over a kqfast.Socket."""
 
     def __init__(self) -> None:
         self._reactor = _core.Reactor()
@@ -46,14 +68,16 @@ class Loop(asyncio.SelectorEventLoop):
 
     # In C: the iteration (asyncio's _run_once plus the core's pass, every iteration of a
     # run_forever in one call), the handles of call_soon, call_at and call_later (made
-    # directly), create_future and create_task.
+    # directly), create_future and create_task.  Type checkers see asyncio's own signatures
+    # for them, which these take as they are.
     _run_once = _core.run_once
     _timer_handle_cancelled = _core.timer_handle_cancelled
-    call_soon = _core.call_soon
-    call_at = _core.call_at
-    call_later = _core.call_later
-    create_future = _core.create_future
-    create_task = _core.create_task
+    if not TYPE_CHECKING:
+        call_soon = _core.call_soon
+        call_at = _core.call_at
+        call_later = _core.call_later
+        create_future = _core.create_future
+        create_task = _core.create_task
 
     # The loop state asyncio's code reads and writes, kept in the Reactor, where the
     # iteration reads it without a dictionary lookup.
@@ -187,18 +211,21 @@ for _name in _asyncio_hooks.FALLBACK_METHODS:
 
 
 def new_event_loop() -> Loop:
-    """A new kqfast.Loop (the factory for asyncio.Runner, asyncio.run and uvicorn)."""
+    """A new kqfast.Loop: the loop factory to hand to asyncio.run, asyncio.Runner and uvicorn
+    (--loop kqfast:new_event_loop)."""
     return Loop()
 
 
-def _policy_class():
+def _policy_class() -> type[asyncio.AbstractEventLoopPolicy]:
     """kqfast.EventLoopPolicy, made on first use: asyncio deprecates its policy classes from
     Python 3.14 (removal in 3.16), so merely importing kqfast must not touch them."""
     from asyncio import unix_events
     base = getattr(unix_events, "_UnixDefaultEventLoopPolicy")
 
     class EventLoopPolicy(base):  # type: ignore[misc, valid-type]
-        """An event loop policy whose loops are kqfast.Loop."""
+        """An event loop policy whose loops are kqfast.Loop, for code that still sets
+        policies (asyncio.set_event_loop_policy(kqfast.EventLoopPolicy())); new code passes
+        kqfast.new_event_loop as a loop factory instead."""
 
         _loop_factory = Loop
 
@@ -206,10 +233,10 @@ def _policy_class():
     return EventLoopPolicy
 
 
-_policy = None
+_policy: type[asyncio.AbstractEventLoopPolicy] | None = None
 
 
-def event_loop_policy(stacklevel: int):
+def event_loop_policy(stacklevel: int) -> type[asyncio.AbstractEventLoopPolicy]:
     """kqfast.EventLoopPolicy, warning as asyncio's policies do from Python 3.14."""
     global _policy
     if sys.version_info >= (3, 14):
@@ -222,22 +249,44 @@ def event_loop_policy(stacklevel: int):
     return _policy
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> type[asyncio.AbstractEventLoopPolicy]:
     if name == "EventLoopPolicy":
         return event_loop_policy(stacklevel=2)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def run(main, *, debug=None):
-    """Runs the coroutine main on a new kqfast.Loop and closes it, as asyncio.run does."""
+def run(main: Coroutine[Any, Any, _T], *, debug: bool | None = None, **run_kwargs: Any) -> _T:
+    """Runs the coroutine main on a new kqfast.Loop and returns its result: asyncio.run, with
+    kqfast's loop as the loop factory, as uvloop.run is uvloop's.
+
+        async def main(): ...
+        kqfast.run(main())
+
+    debug is asyncio.run's; any other keyword goes to asyncio.run (3.12+) or asyncio.Runner
+    (3.11) as it is, so what those take on this Python works here too (Python 3.10's
+    asyncio.run takes debug only).  The loop is always kqfast's: for another factory, call
+    asyncio.run itself."""
+    awaitables = sys.version_info >= (3, 14)  # asyncio.run takes any awaitable from 3.14 on
+    if awaitables and not inspect.isawaitable(main):
+        raise TypeError(f"main must be a coroutine or an awaitable, not {main!r}")
+    if not awaitables and not asyncio.iscoroutine(main):
+        raise ValueError(f"main must be a coroutine, not {main!r}")  # asyncio.run's type
+    if debug is not None and not isinstance(debug, bool):
+        raise TypeError(f"debug must be None, True or False, not {debug!r}")
+    if "loop_factory" in run_kwargs:
+        raise TypeError("kqfast.run() always runs kqfast's loop: for another loop_factory, "
+                        "call asyncio.run(main, loop_factory=...)")
+    if sys.version_info >= (3, 12):
+        return asyncio.run(main, debug=debug, loop_factory=new_event_loop, **run_kwargs)
     if sys.version_info >= (3, 11):
-        with asyncio.Runner(loop_factory=new_event_loop, debug=debug) as runner:
+        with asyncio.Runner(loop_factory=new_event_loop, debug=debug, **run_kwargs) as runner:
             return runner.run(main)
+    if run_kwargs:
+        raise TypeError(f"kqfast.run() got {', '.join(map(repr, run_kwargs))}: asyncio.run of "
+                        f"Python {sys.version_info[0]}.{sys.version_info[1]} takes debug only")
     # asyncio.run of Python 3.10, on kqfast's loop.
     if asyncio.events._get_running_loop() is not None:
         raise RuntimeError("kqfast.run() cannot be called from a running event loop")
-    if not asyncio.iscoroutine(main):
-        raise ValueError(f"a coroutine was expected, got {main!r}")
     loop = new_event_loop()
     try:
         asyncio.set_event_loop(loop)

@@ -9,8 +9,12 @@
 #include <netinet/tcp.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/un.h>
+#ifdef __linux__
+#include <linux/sockios.h>
+#endif
 #include <time.h>
 #include <unistd.h>
 
@@ -39,15 +43,21 @@ static int new_socket(int family) {
 #endif
 }
 
-static int listen_unix(const char *path, int backlog) {
-    struct sockaddr_un sa;
-    memset(&sa, 0, sizeof(sa));
-    sa.sun_family = AF_UNIX;
-    if (strlen(path) >= sizeof(sa.sun_path)) {
+/* sa for a Unix socket path; -1 with ENAMETOOLONG when it does not fit. */
+static int unix_address(const char *path, struct sockaddr_un *sa) {
+    memset(sa, 0, sizeof(*sa));
+    sa->sun_family = AF_UNIX;
+    if (strlen(path) >= sizeof(sa->sun_path)) {
         errno = ENAMETOOLONG;
         return -1;
     }
-    strcpy(sa.sun_path, path);
+    strcpy(sa->sun_path, path);
+    return 0;
+}
+
+static int listen_unix(const char *path, int backlog) {
+    struct sockaddr_un sa;
+    if (unix_address(path, &sa) < 0) return -1;
     int fd = new_socket(AF_UNIX);
     if (fd < 0) return -1;
     if (bind(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0 || listen(fd, backlog) < 0) {
@@ -151,7 +161,23 @@ int kq_read_fd(int pipe_fd) {
 
 int kq_open_reserve(void) { return open("/dev/null", O_RDONLY | O_CLOEXEC); }
 
+static int connect_unix(const char *path) {
+    struct sockaddr_un sa;
+    if (unix_address(path, &sa) < 0) return -1;
+    int fd = new_socket(AF_UNIX);
+    if (fd < 0) return -1;
+    /* A Unix connect completes at once or fails; EAGAIN is a full backlog, a failure here. */
+    if (kq_prepare_accepted(fd, 0) < 0 || connect(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0) {
+        int saved = errno;
+        close(fd);
+        errno = saved;
+        return -1;
+    }
+    return fd;
+}
+
 int kq_connect(const char *host, int port) {
+    if (strchr(host, '/') != NULL) return connect_unix(host);
     struct addrinfo hints, *res;
     char service[16];
     memset(&hints, 0, sizeof(hints));
@@ -181,4 +207,21 @@ int kq_socket_error(int fd) {
     socklen_t len = sizeof(err);
     if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0) return errno;
     return err;
+}
+
+int kq_socket_quiet(int fd) {
+    int unread = 0, unacknowledged = 0;
+    if (ioctl(fd, FIONREAD, &unread) < 0 || unread != 0) return 0;
+#if defined(__linux__)
+    /* TCP: bytes sent and not yet acknowledged, or not yet sent; Unix: not yet read. */
+    if (ioctl(fd, SIOCOUTQ, &unacknowledged) < 0) return 0;
+#elif defined(__APPLE__)
+    socklen_t len = sizeof(unacknowledged);
+    if (getsockopt(fd, SOL_SOCKET, SO_NWRITE, &unacknowledged, &len) < 0) return 0;
+#elif defined(FIONWRITE)
+    if (ioctl(fd, FIONWRITE, &unacknowledged) < 0) return 0;
+#else
+    return 0; /* cannot tell: the caller closes as if something were still owed */
+#endif
+    return unacknowledged == 0;
 }

@@ -17,12 +17,17 @@
  * address family. */
 int kq_listen(const char *host, int port, int backlog, int reuse_port, int *family);
 /* Starts a non-blocking, close-on-exec TCP connect to host:port with TCP_NODELAY (and
- * SO_NOSIGPIPE where it exists).  Returns the fd, usually with the connect still in progress:
- * it is done when the fd turns writable, and kq_socket_error then says how it went.  -1 with
- * errno set (EADDRNOTAVAIL for a failed name lookup). */
+ * SO_NOSIGPIPE where it exists), or connects to a Unix socket path (a host containing '/';
+ * port unused).  Returns the fd, usually with a TCP connect still in progress: it is done when
+ * the fd turns writable, and kq_socket_error then says how it went.  -1 with errno set
+ * (EADDRNOTAVAIL for a failed name lookup). */
 int kq_connect(const char *host, int port);
 /* The pending error of a socket (SO_ERROR), cleared by the call; 0 when there is none. */
 int kq_socket_error(int fd);
+/* 1 when the kernel holds nothing of a connection either way: no input unread, no output
+ * unsent or unacknowledged.  Closing it then loses nothing and cannot reset it.  0 otherwise,
+ * or where the kernel cannot tell. */
+int kq_socket_quiet(int fd);
 /* Accepts one connection as a non-blocking, close-on-exec fd; -1 with errno as accept(2). */
 int kq_accept(int listen_fd);
 /* TCP_NODELAY for TCP, SO_NOSIGPIPE where it exists. */

@@ -1,9 +1,10 @@
 # The poller and plain non-blocking sockets, as Python objects: the tutorial-level API
-# (kqfast.listen, kqfast.Socket) and what the tests use to check the backend directly.
+# (kqfast.Socket, and the listening socket under kqfast.listen) and what the tests use to check
+# the backend directly.
 import os as _os
 
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
-from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
+from cpython.buffer cimport PyObject_CheckBuffer, PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
 from cpython.exc cimport PyErr_CheckSignals, PyErr_SetFromErrno
 from libc.errno cimport errno
 from posix.unistd cimport close as c_close
@@ -109,16 +110,21 @@ cdef class Socket:
     def fileno(self):
         return self.fd
 
-    def read(self, Py_ssize_t n=65536):
+    def read(self, n=65536):
         """Returns what is there (up to n bytes), b"" at EOF; BlockingIOError if nothing is."""
         cdef ssize_t got
+        cdef Py_ssize_t size
         cdef char *dst
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise (ValueError if isinstance(n, int) else TypeError)(
+                f"n must be an int >= 0, not {n!r}")
+        size = n
         if self.fd < 0:
             raise OSError(9, "read on a closed Socket")
-        out = PyBytes_FromStringAndSize(NULL, n)
+        out = PyBytes_FromStringAndSize(NULL, size)
         dst = PyBytes_AS_STRING(out)
         with nogil:
-            got = recv(self.fd, dst, n, 0)
+            got = recv(self.fd, dst, size, 0)
         if got < 0:
             PyErr_SetFromErrno(OSError)
         if got == 0:
@@ -131,6 +137,8 @@ cdef class Socket:
         cdef ssize_t sent
         if self.fd < 0:
             raise OSError(9, "write on a closed Socket")
+        if not PyObject_CheckBuffer(data):
+            raise TypeError(f"data must be a bytes-like object, not {data!r}")
         PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
         try:
             with nogil:
@@ -181,10 +189,3 @@ cdef class Socket:
 
     def __exit__(self, *exc):
         self.close()
-
-
-def listen(str host="127.0.0.1", int port=8080, int backlog=1024, *, bint reuse_port=False):
-    """Binds and listens; host may be an IPv4 or IPv6 address, a name, or a Unix socket path
-    (any host containing "/", port ignored).  Returns a non-blocking Socket."""
-    fd, _ = _listen_fd(host, port, backlog, reuse_port)
-    return Socket(fd)

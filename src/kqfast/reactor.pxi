@@ -344,8 +344,9 @@ cdef class Reactor:
         kq_poller_wake(self.core.poller)
 
     def close_streams(self):
-        """Closes every stream gracefully: what was read is delivered first, then each
-        flushes and closes (a stopping server's)."""
+        """Closes every stream (a stopping server's): what was read is delivered first, then
+        each closes at once when it owes its peer nothing, otherwise flushes and closes
+        gracefully."""
         cdef LoopCore *L = &self.core
         cdef int fd
         cdef StreamHandle h
@@ -353,7 +354,10 @@ cdef class Reactor:
         for fd in range(L.nconns):
             if L.conns[fd].kind == K_STREAM and L.conns[fd].transport is not NULL:
                 h = <StreamHandle>L.conns[fd].transport
-                h.close()
+                if owes_nothing(L, fd) and not h.closing:
+                    h.force_close(None, False)  # connection_lost(None): a clean close
+                else:
+                    h.close()
 
     def abort_streams(self, bint notify=True):
         """Closes every stream at once; with notify, the protocols get connection_lost(None)

@@ -37,6 +37,7 @@ cdef extern from "netio.h" nogil:
     int kq_listen(const char *host, int port, int backlog, int reuse_port, int *family)
     int kq_connect(const char *host, int port)
     int kq_socket_error(int fd)
+    int kq_socket_quiet(int fd)
     void kq_abort_fd(int fd)
     int kq_write_fd(int pipe_fd, int fd)
     int kq_read_fd(int pipe_fd)

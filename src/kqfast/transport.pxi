@@ -230,11 +230,13 @@ cdef start_made(Reactor R, Record *r, Source source, context):
         close_now(L, r.fd, True)
         raise
     except BaseException as exc:
+        report = {"message": "Error on transport creation for incoming connection",
+                  "exception": exc}
+        if source.served:  # kqfast.Server logs the peer (asyncio's context has none)
+            report["peername"] = _peername(r.fd)
         close_now(L, r.fd, True)
         if source.served or R.loop.get_debug():
-            R.loop.call_exception_handler({
-                "message": "Error on transport creation for incoming connection",
-                "exception": exc})
+            R.loop.call_exception_handler(report)
         return
     h = new_handle(R, r.fd, protocol, source.server, None, context)
     try:
@@ -243,6 +245,17 @@ cdef start_made(Reactor R, Record *r, Source source, context):
         raise
     except BaseException as exc:
         h.fatal_error(exc, "Fatal error: protocol.connection_made() call failed.")
+
+
+cdef object _peername(int fd):
+    """The peer's address of a stream that has no socket object (yet), or None."""
+    sock = _socket.socket(fileno=fd)
+    try:
+        return sock.getpeername()
+    except OSError:
+        return None
+    finally:
+        sock.detach()
 
 
 def adopt(Reactor R, sock, protocol, waiter, extra, server, context):

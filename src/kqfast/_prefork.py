@@ -13,7 +13,7 @@ import threading
 import time
 from typing import Callable
 
-from kqfast.addresses import bound_socket, check_port_free
+from kqfast._addresses import bind_each, bound_socket, check_port_free, resolve
 
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
@@ -22,14 +22,14 @@ STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 RESTART_BURST = 5
 RESTART_WINDOW = 10.0
 
-def reserve_port(host: str, port: int) -> tuple[socket.socket, int]:
-    """Checks that no other server holds the port, then binds it (0: a free one) with
-    SO_REUSEPORT but never listens on it: the children can share it, no connection is ever
-    queued on this socket, and a port in use is found once, here, rather than in every
-    child."""
-    check_port_free(host, port)
-    holder = bound_socket(host, port, share=True)
-    return holder, holder.getsockname()[1]
+def reserve_port(host: str | None, port: int) -> list[socket.socket]:
+    """Checks that no other server holds the port on any of host's addresses, then binds
+    each (port 0: one free port for all) with SO_REUSEPORT but never listens on them: the
+    children can share them, no connection is ever queued on these sockets, and a port in
+    use is found once, here, rather than in every child."""
+    addresses = resolve(host, port)
+    check_port_free(addresses, port)
+    return bind_each(addresses, port, lambda address, p: bound_socket(address, p, share=True))
 
 
 class ProcessGroup:

@@ -6,16 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import os
 import resource
 import socket
 import stat
 import sys
 import threading
+from typing import Any, Callable, Tuple, TypedDict, Union
 
-from kqfast._core import ECHO, LINE_ECHO, Reactor, Source, _listen_fd
-from kqfast.addresses import check_port_free, resolve
+from kqfast import _arguments
+from kqfast._addresses import Address, bind_each, check_port_free, resolve
+from kqfast._core import ECHO, LINE_ECHO, NativeHandler, Reactor, Source, _listen_fd
 from kqfast.loop import Loop
 
 _log = logging.getLogger("kqfast")
@@ -25,11 +26,11 @@ _log = logging.getLogger("kqfast")
 _FD_HEADROOM = 32
 
 
-def default_balance(host: str) -> str:
+def default_balance(unix_path: str | None) -> str:
     """Linux and FreeBSD (SO_REUSEPORT_LB) spread TCP connections over SO_REUSEPORT
     listeners; elsewhere (macOS), and for a Unix socket path that only one listener can
     hold, one loop accepts and hands connections to the others."""
-    if "/" in host or not sys.platform.startswith(("linux", "freebsd")):
+    if unix_path is not None or not sys.platform.startswith(("linux", "freebsd")):
         return "handoff"
     return "reuseport"
 
@@ -41,49 +42,110 @@ def default_max_connections() -> int:
     return max(1, soft - _FD_HEADROOM)
 
 
-def _seconds(name: str, value, allow_none: bool = False) -> float:
-    if value is None and allow_none:
-        return 0.0
-    if not isinstance(value, (int, float)) or math.isnan(value) or value < 0:
-        raise ValueError(f"{name} must be a number of seconds >= 0, not {value!r}")
-    return float(value)
+class LoopStats(TypedDict):
+    """One loop's counters (Server.stats()["loops"] lists them)."""
+    connections_current: int
+    connections_total: int
+    connections_rejected: int  # accepted and closed at once: over max_connections
+    timeouts: int              # closed by idle_timeout
+    errors: int                # connections that failed (resets, ...), and handler errors
+    bytes_in: int
+    bytes_out: int
+
+
+class ServerStats(LoopStats):
+    """Server.stats(): the counters summed over the loops, and each loop's own."""
+    handler_errors: int        # protocol callbacks that raised (each closed its connection)
+    loops: list[LoopStats]
+
+
+# What Server.address holds: the (host, port) bound, or a Unix socket's path.
+ServerAddress = Union[Tuple[str, int], str]
 
 
 class Server:
-    """A TCP (or Unix socket) server.  handler is kqfast.ECHO or kqfast.LINE_ECHO (native,
-    never take the GIL) or a protocol factory: anything returning an asyncio.Protocol-like
-    object.  The socket is bound here, so `address` is known before serving."""
+    """A TCP (or Unix socket) server on kqfast's core, bound when constructed.
 
-    def __init__(self, handler, host: str = "127.0.0.1", port: int = 8080, *, workers: int = 1,
-                 backlog: int = 1024, max_connections: int | None = None,
+    Server(handler, host="127.0.0.1", port=8080, *, workers=1, backlog=1024,
+           max_connections=None, idle_timeout=60.0, max_line=65536, high_water=65536,
+           low_water=16384, reuse_port=False, max_output=16 MiB, linger_timeout=2.0,
+           balance=None)
+
+    handler         kqfast.ECHO or kqfast.LINE_ECHO (native: run in C, never take the GIL),
+                    or a protocol factory: any callable returning an asyncio.Protocol (a
+                    class such as an asyncio.Protocol or kqfast.LineProtocol subclass).
+    host            an IP address, a host name or a Unix socket path (a str with "/", or an
+                    os.PathLike).  A name binds every address it resolves to (localhost:
+                    127.0.0.1 and ::1) and None every interface (0.0.0.0 and ::), as
+                    asyncio's create_server does; an address family this machine does not
+                    have is left out.  Default 127.0.0.1: other interfaces only when asked.
+    port            0..65535; 0 picks a free port (the same one for every address).
+    workers         event loops, one thread each (>= 1).  Python protocols share the GIL:
+                    for several cores with them, use processes (kqfast-echo --processes).
+    backlog         listen() backlog.
+    max_connections open connections per loop; over it new clients are accepted and closed at
+                    once.  None: the fd limit less 32.
+    idle_timeout    seconds without input or output progress before a connection is closed;
+                    None or 0 disables.
+    max_line        longest line for LINE_ECHO and kqfast.LineProtocol; longer closes.
+    high_water,     output-buffer marks: pause_writing() once over high_water,
+    low_water       resume_writing() at or under low_water (asyncio's rules).
+    reuse_port      SO_REUSEPORT on the listener, so other processes can bind the port.
+    max_output      hard cap on one Python connection's queued output (>= high_water).
+    linger_timeout  seconds a closing connection waits for its peer to read and close.
+    balance         with workers > 1: "reuseport" (a listener per loop) or "handoff" (one
+                    loop accepts and hands connections on); None: the platform's best.
+
+    Bad arguments raise TypeError or ValueError naming the parameter; an address that cannot
+    be bound raises OSError naming it.  serve_forever() serves in this thread, start() from
+    background threads, stop() ends either; `with Server(...) as server:` stops on exit.
+    """
+
+    address: ServerAddress
+    """The first (host, port) really bound, or the Unix socket's path."""
+    addresses: list[ServerAddress]
+    """Every address bound: several for a name such as localhost, or for host=None."""
+
+    def __init__(self, handler: NativeHandler | Callable[[], asyncio.BaseProtocol],
+                 host: str | os.PathLike[str] | None = "127.0.0.1", port: int = 8080, *,
+                 workers: int = 1, backlog: int = 1024, max_connections: int | None = None,
                  idle_timeout: float | None = 60.0, max_line: int = 65536,
                  high_water: int = 65536, low_water: int = 16384, reuse_port: bool = False,
                  max_output: int = 16 * 1024 * 1024, linger_timeout: float = 2.0,
-                 balance: str | None = None):
+                 balance: str | None = None) -> None:
         native = handler is ECHO or handler is LINE_ECHO
         if not native and not callable(handler):
             raise TypeError(f"handler must be kqfast.ECHO, kqfast.LINE_ECHO or a protocol "
                             f"factory, not {handler!r}")
-        balance = balance or default_balance(host)
-        if balance not in ("reuseport", "handoff"):
-            raise ValueError(f"balance must be 'reuseport' or 'handoff', not {balance!r}")
-        if workers < 1:
-            raise ValueError(f"workers must be at least 1, not {workers}")
-        if max_line < 1:
-            raise ValueError(f"max_line must be at least 1, not {max_line}")
-        if not high_water >= low_water >= 0:
-            raise ValueError("high_water must be >= low_water >= 0")
+        name = _arguments.host(host, every_interface=True)
+        port = _arguments.port(port)
+        workers = _arguments.integer("workers", workers, 1, _arguments.MAX_COUNT)
+        backlog = _arguments.integer("backlog", backlog, 0, _arguments.MAX_COUNT)
+        if max_connections is not None:
+            _arguments.integer("max_connections", max_connections, 1, _arguments.MAX_COUNT)
+        max_line = _arguments.integer("max_line", max_line, 1)
+        high_water = _arguments.integer("high_water", high_water, 0)
+        low_water = _arguments.integer("low_water", low_water, 0)
+        max_output = _arguments.integer("max_output", max_output, 0)
+        reuse_port = _arguments.flag("reuse_port", reuse_port)
+        if low_water > high_water:
+            raise ValueError(f"low_water must be <= high_water ({high_water}), not {low_water}")
         if max_output < high_water:
-            raise ValueError("max_output must be >= high_water")
-        if max_connections is None:
-            max_connections = default_max_connections()
-        if max_connections < 1:
-            raise ValueError(f"max_connections must be at least 1, not {max_connections}")
+            raise ValueError(f"max_output must be >= high_water ({high_water}), not "
+                             f"{max_output}")
+        unix_path = name if name is not None and "/" in name else None
+        if balance is None:
+            balance = default_balance(unix_path)
+        balance = _arguments.choice("balance", balance, ("reuseport", "handoff"))
+        if unix_path is not None and balance == "reuseport" and workers > 1:
+            raise ValueError("balance must be 'handoff' for a Unix socket path (one listener "
+                             "holds it), not 'reuseport'")
         limits = dict(max_line=max_line, high_water=high_water, low_water=low_water,
                       max_output=max_output,
-                      idle_timeout=_seconds("idle_timeout", idle_timeout, allow_none=True),
-                      linger_timeout=_seconds("linger_timeout", linger_timeout),
-                      max_connections=max_connections)
+                      idle_timeout=_arguments.seconds("idle_timeout", idle_timeout,
+                                                      allow_none=True),
+                      linger_timeout=_arguments.seconds("linger_timeout", linger_timeout),
+                      max_connections=max_connections or default_max_connections())
         self._native = native
         self._reactors: list[Reactor] = []
         self._loops: list[Loop] = []
@@ -92,30 +154,36 @@ class Server:
         self._failure: BaseException | None = None
         self._started = self._stopped = False
         self._serving: set[int] = set()   # idents of the threads running a loop now
-        self._unix_path = host if "/" in host else None
+        self._unix_path = unix_path
         self._unix_inode: int | None = None
-        # With "reuseport" each loop owns a listener on the shared port and the kernel spreads
-        # new connections; with "handoff" the first loop owns the only listener.
+        # With "reuseport" each loop owns a listener per address on the shared port and the
+        # kernel spreads new connections; with "handoff" the first loop owns the only ones.
         per_loop_listener = balance == "reuseport"
         share_port = reuse_port or (workers > 1 and per_loop_listener)
         factory = None if native else handler
-        if self._unix_path is None:
-            resolve(host, port)  # a name that does not resolve says so
+        addresses: list[Address] = []
+        if unix_path is None:
+            addresses = resolve(name, port)  # a name that does not resolve says so
             if share_port and not reuse_port:
                 # The loops' SO_REUSEPORT listeners would join another server's on this port.
-                check_port_free(host, port)
+                check_port_free(addresses, port)
         try:
             for i in range(workers):
                 reactor = self._new_reactor(handler, limits)
-                if i == 0 or per_loop_listener:
-                    sock = self._listen(host, port, backlog, share_port)
-                    if port == 0:
-                        port = sock.getsockname()[1]
-                    reactor.add_listener(sock, Source(sock, factory, None, True))
-                    if i == 0:
-                        self.address = _address_of(sock)
+                if i == 0:
+                    socks = self._listen_first(unix_path, addresses, port, backlog, share_port)
+                    self.addresses = [_address_of(sock) for sock in socks]
+                    self.address = self.addresses[0]
+                    if unix_path is None:  # the other loops bind what the first could
+                        port = socks[0].getsockname()[1]
+                        addresses = [Address(s.family, s.getsockname()[0]) for s in socks]
+                elif per_loop_listener:
+                    socks = [self._listen(a.host, port, backlog, share_port) for a in addresses]
                 else:
                     reactor.open_inbox(Source(None, factory, None, True))
+                    continue
+                for sock in socks:
+                    reactor.add_listener(sock, Source(sock, factory, None, True))
             if workers > 1 and not per_loop_listener:
                 self._reactors[0].hand_off_to(self._reactors)
         except BaseException:
@@ -134,12 +202,20 @@ class Server:
         self._reactors.append(reactor)
         return reactor
 
-    def _listen(self, host: str, port: int, backlog: int, share_port: bool) -> socket.socket:
-        if self._unix_path is not None:
-            _remove_stale_socket(self._unix_path)
+    def _listen_first(self, unix_path: str | None, addresses: list[Address], port: int,
+                      backlog: int, share_port: bool) -> list[socket.socket]:
+        """The first loop's listeners: the Unix path, or every address it can bind."""
+        if unix_path is not None:
+            _remove_stale_socket(unix_path)
+            sock = self._listen(unix_path, 0, backlog, share_port)
+            self._unix_inode = os.stat(unix_path).st_ino
+            return [sock]
+        return bind_each(addresses, port,
+                         lambda a, p: self._listen(a.host, p, backlog, share_port))
+
+    @staticmethod
+    def _listen(host: str, port: int, backlog: int, share_port: bool) -> socket.socket:
         fd, family = _listen_fd(host, port, backlog, share_port)
-        if self._unix_path is not None:
-            self._unix_inode = os.stat(self._unix_path).st_ino
         return socket.socket(family, socket.SOCK_STREAM, 0, fileno=fd)
 
     # ---- serving ---------------------------------------------------------------------
@@ -174,7 +250,7 @@ class Server:
         if self._failure is not None:
             raise self._failure
 
-    def start(self) -> "Server":
+    def start(self) -> Server:
         """Serves from background threads; returns at once, already listening (after stop(),
         it serves nothing)."""
         if self._stopped:
@@ -187,7 +263,7 @@ class Server:
         """Thread-safe and idempotent: stop accepting, let pending output flush for up to
         timeout seconds, then close.  From a loop's own thread (a callback, a signal
         handler) it only asks; elsewhere it also waits for the loops to finish."""
-        timeout = _seconds("timeout", timeout)
+        timeout = _arguments.seconds("timeout", timeout)
         if not self._started:
             self._stopped = True  # so serve_forever(), should it come, returns at once
             self._release()
@@ -199,26 +275,37 @@ class Server:
             thread.join()
         self._release()
 
-    def call_soon_threadsafe(self, callback, *args) -> None:
+    def call_soon_threadsafe(self, callback: Callable[..., object], *args: Any) -> None:
         """Runs callback(*args) on the (first) loop's thread."""
+        _arguments.function("callback", callback)
         if self._native:
             self._reactors[0].call_soon_threadsafe(callback, *args)
         else:
             self._loops[0].call_soon_threadsafe(callback, *args)
 
-    def stats(self) -> dict:
-        """Counters summed over the loops, and each loop's own under "loops"."""
+    def stats(self) -> ServerStats:
+        """Counters summed over the loops, and each loop's own under "loops" (see
+        ServerStats)."""
         per_loop = [reactor.stats() for reactor in self._reactors]
-        total = {key: sum(s[key] for s in per_loop) for key in per_loop[0]}
-        total["handler_errors"] = self._handler_errors
-        total["errors"] += self._handler_errors
-        total["loops"] = per_loop
-        return total
 
-    def __enter__(self) -> "Server":
+        def total(key: str) -> int:
+            return sum(int(counters[key]) for counters in per_loop)
+
+        return ServerStats(
+            connections_current=total("connections_current"),
+            connections_total=total("connections_total"),
+            connections_rejected=total("connections_rejected"),
+            timeouts=total("timeouts"),
+            errors=total("errors") + self._handler_errors,
+            bytes_in=total("bytes_in"),
+            bytes_out=total("bytes_out"),
+            handler_errors=self._handler_errors,
+            loops=[LoopStats(**counters) for counters in per_loop])
+
+    def __enter__(self) -> Server:
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
     # ---- the loops' threads ----------------------------------------------------------
@@ -296,7 +383,8 @@ class Server:
         transport has closed that connection only."""
         self._handler_errors += 1
         transport = context.get("transport")
-        peer = transport.get_extra_info("peername") if transport is not None else None
+        peer = (transport.get_extra_info("peername") if transport is not None else
+                context.get("peername"))
         _log.error("kqfast: %s (peer %s); closing its connection", context.get("message"), peer,
                    exc_info=context.get("exception"))
 
@@ -323,7 +411,7 @@ def _finish(loop: Loop) -> None:
     loop.close()
 
 
-def _address_of(sock: socket.socket):
+def _address_of(sock: socket.socket) -> ServerAddress:
     name = sock.getsockname()
     return name if isinstance(name, str) else (name[0], name[1])
 
@@ -356,6 +444,10 @@ def _unlink_own_socket(path: str, inode: int | None) -> None:
         pass
 
 
-def serve(handler, host: str = "127.0.0.1", port: int = 8080, **kwargs) -> None:
-    """Server(handler, host, port, **kwargs).serve_forever()."""
+def serve(handler: NativeHandler | Callable[[], asyncio.BaseProtocol],
+          host: str | os.PathLike[str] | None = "127.0.0.1", port: int = 8080,
+          **kwargs: Any) -> None:
+    """Server(handler, host, port, **kwargs).serve_forever(): serves in this thread until
+    Ctrl-C (which raises KeyboardInterrupt after a clean stop).  The keyword arguments are
+    Server's."""
     Server(handler, host, port, **kwargs).serve_forever()

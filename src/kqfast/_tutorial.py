@@ -1,6 +1,7 @@
-"""The tutorial's EventLoop (seed/kqueue-tcp-server-tutorial.md), made correct: non-blocking
-client sockets, readiness for data and EOF alike, errors contained, Ctrl-C and a thread-safe
-stop()."""
+"""The tutorial's level (seed/kqueue-tcp-server-tutorial.md), made correct: listen() and its
+EventLoop, a poller over one listening Socket with non-blocking client sockets, readiness for
+data and EOF alike, errors contained, Ctrl-C and a thread-safe stop().  This EventLoop is not
+an asyncio event loop: that is kqfast.Loop (kqfast.new_event_loop())."""
 from __future__ import annotations
 
 import errno
@@ -10,16 +11,53 @@ import socket
 import threading
 import time
 
-from kqfast._core import READABLE, Poller, Socket
+from typing import Any, Callable
 
+from kqfast import _arguments
+from kqfast._addresses import resolve
+from kqfast._core import READABLE, Poller, Socket, _listen_fd
 
 _ACCEPT_BACKOFF = 0.1  # seconds accepting rests at the fd limit
 
+# What EventLoop() and EventLoop(wrong) say: its name reads like asyncio's event loop, and
+# the asyncio loop is what a caller without a listening Socket most likely wanted.
+_NOT_ASYNCIO = ("kqfast.EventLoop is the tutorial's poller over a listening kqfast.Socket: "
+                "kqfast.EventLoop(kqfast.listen(host, port)).  For an asyncio event loop use "
+                "kqfast.Loop() or kqfast.new_event_loop(), or kqfast.run(main())")
+_NO_SOCKET: Any = object()  # EventLoop()'s sock when none is given: refused with _NOT_ASYNCIO
+
+
+def listen(host: str = "127.0.0.1", port: int = 8080, backlog: int = 1024, *,
+           reuse_port: bool = False) -> Socket:
+    """A non-blocking listening Socket on host and port: an IPv4 or IPv6 address, a name (its
+    first address), or a Unix socket path (a host containing "/"; port is then unused).
+    Raises OSError naming the address when it cannot be resolved or bound."""
+    name = _arguments.host(host)
+    assert name is not None
+    port = _arguments.port(port)
+    backlog = _arguments.integer("backlog", backlog, 0, _arguments.MAX_COUNT)
+    reuse_port = _arguments.flag("reuse_port", reuse_port)
+    if "/" not in name:
+        name = resolve(name, port)[0].host  # a name that does not resolve says so
+    fd, _ = _listen_fd(name, port, backlog, reuse_port)
+    return Socket(fd)
+
 
 class EventLoop:
-    """Calls handler(conn) whenever a client of the listening Socket is readable."""
+    """The tutorial's event loop: a poller over one listening kqfast.Socket that calls
+    handler(conn) whenever one of its clients is readable.  Not an asyncio event loop (that
+    is kqfast.Loop).
 
-    def __init__(self, sock: Socket):
+        loop = kqfast.EventLoop(kqfast.listen("127.0.0.1", 8080))
+        loop.handle(handler)   # blocks; loop.stop() from another thread ends it
+    """
+
+    def __init__(self, sock: Socket = _NO_SOCKET) -> None:
+        if sock is _NO_SOCKET:
+            raise TypeError(f"EventLoop() needs the listening socket.  {_NOT_ASYNCIO}")
+        if not isinstance(sock, Socket):
+            raise TypeError(f"sock must be a kqfast.Socket from kqfast.listen(), not "
+                            f"{sock!r}.  {_NOT_ASYNCIO}")
         self._sock = sock
         self._poller = Poller()
         self._poller.set(sock.fileno(), 0, READABLE)
@@ -27,10 +65,12 @@ class EventLoop:
         self._stopping = False
         self._resume_accepting_at: float | None = None
 
-    def handle(self, handler) -> None:
-        """Blocks until stop().  conn.read(n) returns what is there and b"" at EOF; a client
-        the handler leaves open after EOF is closed for it (or it would stay readable).  A
-        stop() that came first (racing the thread that calls this) ends it at once."""
+    def handle(self, handler: Callable[[Socket], object]) -> None:
+        """Blocks until stop(), calling handler(conn) whenever a client Socket is readable.
+        conn.read(n) returns what is there and b"" at EOF; a client the handler leaves open
+        after EOF is closed for it (or it would stay readable).  A stop() that came first
+        (racing the thread that calls this) ends it at once."""
+        _arguments.function("handler", handler)
         wakeup = self._watch_signals()
         try:
             while not self._stopping:

@@ -4,6 +4,7 @@ name the parsing function: "invalid parse value")."""
 from __future__ import annotations
 
 import argparse
+import re
 from typing import Callable
 
 
@@ -44,7 +45,19 @@ def port(text: str) -> int:
 
 def host(text: str) -> str:
     """An address or name to bind, IPv6 ones also in URL brackets ("[::1]"), or a Unix socket
-    path (anything with a "/", taken as it is)."""
-    if "/" not in text and text.startswith("[") and text.endswith("]"):
+    path (anything with a "/", taken as it is).  HOST:PORT is refused with a hint: the port
+    has an option of its own."""
+    if "/" in text:
+        return text
+    with_port = re.fullmatch(r"\[(?P<v6>[^]]*)\]:(?P<port>\d+)|(?P<name>[^:]*):(?P<p>\d+)", text)
+    if with_port:
+        bare = f"[{with_port['v6']}]" if with_port["v6"] is not None else with_port["name"]
+        port_text = with_port["port"] or with_port["p"]
+        raise argparse.ArgumentTypeError(
+            f"{text!r} has a port: use --host {bare} --port {port_text}")
+    if not text:
+        raise argparse.ArgumentTypeError("must not be empty (0.0.0.0 is every IPv4 "
+                                         "interface, :: every IPv6 one)")
+    if text.startswith("[") and text.endswith("]"):
         return text[1:-1]
     return text
