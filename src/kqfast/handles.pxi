@@ -25,7 +25,6 @@ cdef extern from "Python.h":
 cdef object _Handle = _asyncio.Handle
 cdef object _TimerHandle = _asyncio.TimerHandle
 cdef object _copy_context = _contextvars.copy_context
-cdef object _heappush = _heapq.heappush
 cdef object _format_callback_source = _aio_format_helpers._format_callback_source
 
 
@@ -105,7 +104,7 @@ def call_at(self, when, callback, *args, context=None):
     timer = new_handle_for(callback, args, self, context, _TimerHandle)
     slot_set(timer, T_WHEN, when)
     slot_set(timer, T_SCHEDULED, True)
-    _heappush(self._scheduled, timer)
+    heap_push(R.scheduled, timer)
     return timer
 
 

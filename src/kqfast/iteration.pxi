@@ -9,7 +9,6 @@ from asyncio import base_events as _aio_base_events
 
 from libc.math cimport INFINITY, nextafter
 
-cdef object _heappop = _heapq.heappop
 cdef object _BaseEventLoop = _aio_base_events.BaseEventLoop
 cdef object _format_handle = _aio_base_events._format_handle
 cdef int _MIN_SCHEDULED_TIMER_HANDLES = _aio_base_events._MIN_SCHEDULED_TIMER_HANDLES
@@ -48,7 +47,7 @@ cdef int iteration(Reactor R) except -1:
     else:
         while scheduled and timer_cancelled(scheduled[0]):
             R.timer_cancelled_count -= 1
-            unschedule(_heappop(scheduled))
+            unschedule(heap_pop(scheduled))
     if R.stopping or early:
         ms = 0
     elif scheduled:
@@ -71,7 +70,7 @@ cdef int iteration(Reactor R) except -1:
             handle = scheduled[0]
             if timer_when(handle) >= end_time:
                 break
-            unschedule(_heappop(scheduled))
+            unschedule(heap_pop(scheduled))
             R.ready_append(handle)
             due += 1
         handle = None
@@ -112,46 +111,3 @@ cdef run_debug(loop, handle):
     dt = kq_monotonic() - t0
     if dt >= loop.slow_callback_duration:
         _aio_log.warning("Executing %s took %.3f seconds", _format_handle(handle), dt)
-
-
-# ---- the timer heap: TimerHandles in a list ordered by heapq -------------------------------
-
-cdef inline double timer_when(handle) except? -1.0:
-    if HANDLES_IN_C:
-        return <double><object>slot_get(handle, T_WHEN)
-    return handle._when
-
-
-cdef inline bint timer_cancelled(handle) except -1:
-    if HANDLES_IN_C:
-        return <object>slot_get(handle, H_CANCELLED) is not False
-    return handle._cancelled
-
-
-cdef inline int unschedule(handle) except -1:
-    if HANDLES_IN_C:
-        slot_set(handle, T_SCHEDULED, False)
-    else:
-        handle._scheduled = False
-    return 0
-
-
-cdef int drop_cancelled_timers(Reactor R) except -1:
-    """Too many cancelled timers in the heap: a new heap without them."""
-    kept = []
-    for handle in R.scheduled:
-        if timer_cancelled(handle):
-            unschedule(handle)
-        else:
-            kept.append(handle)
-    _heapq.heapify(kept)
-    R.scheduled = kept
-    R.timer_cancelled_count = 0
-    return 0
-
-
-def timer_handle_cancelled(self, handle):
-    """kqfast.Loop._timer_handle_cancelled: a scheduled timer was cancelled (its heap is
-    cleaned up when cancelled ones pile up)."""
-    if handle._scheduled:
-        (<Reactor>self._reactor).timer_cancelled_count += 1
