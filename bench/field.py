@@ -75,6 +75,16 @@ def field(workdir: Path) -> tuple[list[Server], dict[str, str]]:
                                       _python(SERVERS / script, "--loop", name)))
             else:
                 missing[key] = loops[name]
+    # aiofastnet is not a loop: C transports for any loop's create_server; on uvloop, its
+    # fastest pairing.
+    why = loops["uvloop"] or (None if importable("aiofastnet") else
+                              "aiofastnet is not installed (in kqfast[bench])")
+    if why is None:
+        servers.append(Server("aiofastnet-uvloop", "aiofastnet on uvloop Protocol",
+                              _python(SERVERS / "asyncio_echo.py", "--loop", "uvloop",
+                                      "--aiofastnet")))
+    else:
+        missing["aiofastnet-uvloop"] = why
     binary, why = compile_c_echo(workdir)
     if binary is not None:
         servers.append(Server("c", "C epoll (c_echo.c)", (str(binary),)))

@@ -1,8 +1,9 @@
 """The asyncio.Protocol echo on any asyncio event loop (--loop asyncio|uvloop|rloop|kqfast),
 serving the very protocol class kqfast-echo --handler python runs (kqfast._echo.EchoProtocol,
-a plain asyncio.Protocol), so only the loop under it differs.
+a plain asyncio.Protocol), so only the loop under it differs.  --aiofastnet serves it through
+aiofastnet's create_server (its C transports) on that loop.
 
-Usage: asyncio_echo.py [--loop NAME] [PORT].  Prints kqfast-echo's ready line on stderr
+Usage: asyncio_echo.py [--loop NAME] [--aiofastnet] [PORT].  Prints kqfast-echo's ready line on stderr
 (port 0, the default, picks a free port)."""
 import argparse
 import asyncio
@@ -12,9 +13,14 @@ from _loops import LOOPS, forever, run
 from kqfast._echo import EchoProtocol
 
 
-async def serve(name: str, port: int) -> None:
+async def serve(name: str, port: int, aiofastnet: bool) -> None:
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(EchoProtocol, "127.0.0.1", port, backlog=1024)
+    if aiofastnet:
+        import aiofastnet as fastnet
+        server = await fastnet.create_server(loop, EchoProtocol, "127.0.0.1", port,
+                                             backlog=1024)
+    else:
+        server = await loop.create_server(EchoProtocol, "127.0.0.1", port, backlog=1024)
     print(f"{name}_echo: listening on 127.0.0.1:{server.sockets[0].getsockname()[1]}",
           file=sys.stderr, flush=True)
     await forever()
@@ -23,9 +29,10 @@ async def serve(name: str, port: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--loop", choices=LOOPS, default="asyncio")
+    parser.add_argument("--aiofastnet", action="store_true", help="aiofastnet's transports")
     parser.add_argument("port", type=int, nargs="?", default=0)
     args = parser.parse_args()
-    run(lambda: serve(args.loop, args.port), args.loop)
+    run(lambda: serve(args.loop, args.port, args.aiofastnet), args.loop)
 
 
 if __name__ == "__main__":

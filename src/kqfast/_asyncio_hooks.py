@@ -101,12 +101,16 @@ def _iteration() -> str:
                  "MAXIMUM_SELECT_TIMEOUT", "_format_handle"):
         if not hasattr(base_events, name):
             return f"base_events.{name} is gone"
+    # kqfast's _run_once runs every iteration of a run_forever: that must be what
+    # run_forever does with it, until _stopping.
+    if not {"_run_once", "_stopping"} <= set(_Base.run_forever.__code__.co_names):
+        return "run_forever does not loop on _run_once until _stopping"
     for name in ("run_forever", "_run_forever_setup", "_run_forever_cleanup"):
         function = getattr(_Base, name, None)
         why = function and _uses_only(function, _RUN_FOREVER)
         if why:
             return f"{name} {why}"
-    return ""
+    return _uses_only(_Base._timer_handle_cancelled, {"_scheduled", "_timer_cancelled_count"})
 
 
 def _streams() -> str:
@@ -143,7 +147,7 @@ def _connect() -> str:
 # falls back when any of them mismatches.
 _HOOKS: dict[str, tuple[Callable[[], str], tuple[str, ...]]] = {
     "handles": (_handles, ("call_soon", "call_at", "call_later")),
-    "iteration": (_iteration, ("_run_once",)),
+    "iteration": (_iteration, ("_run_once", "_timer_handle_cancelled")),
     "streams": (_streams, ("_make_socket_transport", "_make_ssl_transport", "_start_serving",
                            "_stop_serving")),
     "serving": (_serving, ("_start_serving", "_stop_serving")),

@@ -2,6 +2,7 @@
 # transport.pxi, dispatch.pxi, aio.pxi).
 # Keep them true: `python -m mypy.stubtest kqfast._core` compares them with the built module.
 import asyncio
+import collections
 import contextvars
 import selectors
 import socket
@@ -140,6 +141,13 @@ class Reactor:
     thread_id: int
     closed: bool
     debug: bool
+    # An asyncio loop's own state (kqfast.Loop's _ready, _scheduled, _stopping and
+    # _timer_cancelled_count are properties over these), and whether run_forever runs it.
+    ready_queue: collections.deque[asyncio.Handle]
+    scheduled: list[asyncio.TimerHandle]
+    stopping: bool
+    timer_cancelled_count: int
+    in_run_forever: bool
     @property
     def io_handle(self) -> asyncio.Handle: ...
     @property
@@ -161,12 +169,12 @@ class Reactor:
     def remove_listener(self, fd: int) -> None: ...
     def open_inbox(self, source: Source) -> None: ...
     def hand_off_to(self, reactors: list[Reactor]) -> None: ...
-    def attach(self, loop: asyncio.AbstractEventLoop) -> None: ...
+    def attach(
+        self, loop: asyncio.AbstractEventLoop, selector_keys: dict[int, selectors.SelectorKey]
+    ) -> None: ...
     def watch(self, fd: int, mask: int) -> None: ...
     def unwatch(self, fd: int) -> None: ...
-    def poll(
-        self, timeout: float | None, fd_to_key: dict[int, selectors.SelectorKey]
-    ) -> list[tuple[selectors.SelectorKey, int]]: ...
+    def poll(self, timeout: float | None) -> list[tuple[selectors.SelectorKey, int]]: ...
     def take_error(self, fd: int) -> int: ...
     def transport_of(self, fd: int) -> Transport | None: ...
     def when_drained(self, callback: Callable[[], object]) -> None: ...
@@ -194,7 +202,11 @@ def monotonic() -> float:
     """The loop's clock: CLOCK_MONOTONIC, as time.monotonic()."""
 
 def run_once(self: asyncio.AbstractEventLoop) -> None:
-    """One iteration of kqfast.Loop: asyncio's _run_once with the core's pass."""
+    """kqfast.Loop._run_once: from asyncio's run_forever, every iteration until the loop
+    stops; called on its own, one."""
+
+def timer_handle_cancelled(self: asyncio.AbstractEventLoop, handle: asyncio.TimerHandle) -> None:
+    """kqfast.Loop._timer_handle_cancelled: counts a cancelled scheduled timer."""
 
 # kqfast.Loop's methods of these names (asyncio's signatures; type checkers see asyncio's).
 def call_soon(

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -177,7 +178,10 @@ def _announce(args: argparse.Namespace, addresses: list[ServerAddress]) -> None:
 
 
 def _say(line: str) -> None:
-    print(f"kqfast-echo: {line}", file=sys.stderr, flush=True)
+    """One line on stderr, in one write(2): the signal handler says "shutting down" too, and
+    a signal landing while sys.stderr is mid-write would make its buffered writer raise
+    (reentrant call) in the interrupted print."""
+    os.write(sys.stderr.fileno(), f"kqfast-echo: {line}\n".encode(errors="replace"))
 
 
 def _fail(exc: OSError) -> int:

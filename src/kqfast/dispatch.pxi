@@ -5,7 +5,7 @@
 # next iteration.
 
 
-cdef dispatch(Reactor R):
+cdef int dispatch(Reactor R) except -1:
     cdef LoopCore *L = &R.core
     cdef Record *r
     cdef Conn *c
@@ -25,18 +25,19 @@ cdef dispatch(Reactor R):
         context = h.context
         PyContext_Enter(context)
         try:
-            handle_record(L, r, h)
+            if r.kind == R_DATA:  # the common record first, c at hand
+                h.deliver(c, L.arena + r.off, r.length)
+            else:
+                handle_record(L, r, h)
         finally:
             PyContext_Exit(context)
     L.nrecords = L.next_record = 0
     L.arena_used = 0
 
 
-cdef inline handle_record(LoopCore *L, Record *r, StreamHandle h):
-    """One record's callbacks, in its stream's context."""
-    if r.kind == R_DATA:
-        h.deliver(L.arena + r.off, r.length)
-    elif r.kind == R_READABLE:
+cdef inline int handle_record(LoopCore *L, Record *r, StreamHandle h) except -1:
+    """One record's callbacks (but data's), in its stream's context."""
+    if r.kind == R_READABLE:
         h.read_into_buffer()
     elif r.kind == R_EOF:
         h.eof()

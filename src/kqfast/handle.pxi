@@ -15,13 +15,6 @@ from cpython.buffer cimport PyBUF_WRITABLE
 from cpython.bytearray cimport PyByteArray_AS_STRING
 from cpython.bytes cimport PyBytes_CheckExact, PyBytes_GET_SIZE
 
-cdef extern from "Python.h":
-    # The thread's current context (NULL before any was made): a stream's callbacks enter the
-    # stream's own context unless it is already the current one (entering it twice raises).
-    ctypedef struct ThreadContext "PyThreadState":
-        PyObject *context
-    ThreadContext *current_thread_state "PyThreadState_Get"() noexcept
-
 cdef object _BufferedProtocol = _asyncio.BufferedProtocol
 cdef object _feed_buffered = _aio_protocols._feed_data_to_buffered_proto
 # Python 3.13's Server tracks its transports (_attach(transport)); older ones count them.
@@ -43,6 +36,19 @@ cdef object _protocol_method(protocol, str name):
 cdef size_t _whole_bytes(mark) except? 0:
     """A water mark (any non-negative number, inf included) as a whole byte count."""
     return int(min(mark, 1 << 62))
+
+
+cdef extern from *:
+    """
+    /* f(a, b) through f's vectorcall slot, which every Python function has: the Python
+       pass's data_received call, without the checks of a generic call. */
+    static CYTHON_INLINE PyObject *kq_call2(PyObject *f, PyObject *a, PyObject *b) {
+        PyObject *args[2] = {a, b};
+        vectorcallfunc call = PyVectorcall_Function(f);
+        return call ? call(f, args, 2, NULL) : PyObject_CallFunctionObjArgs(f, a, b, NULL);
+    }
+    """
+    object call2 "kq_call2"(object f, object a, object b)
 
 
 cdef object _errno_exception(int err):
@@ -96,13 +102,16 @@ cdef class StreamHandle:
     cdef inline int check_thread(self) except -1:
         """A stream belongs to its loop's thread: from another one, a call could race the
         loop's nogil pass over the same buffers.  And to its loop's process: in a forked
-        child its socket and poller are the parent's too."""
-        cdef unsigned long owner = self.reactor.thread_id
-        if owner != 0 and owner != PyThread_get_thread_ident():
+        child its socket and poller are the parent's too.  (The running thread's state is
+        compared first: one load, where its id is a call.)"""
+        cdef Reactor R = self.reactor
+        if R.core.inherited:
+            R.check_process()
+        if R.thread_id == 0 or <void *>current_thread_state() == R.thread_state:
+            return 0
+        if R.thread_id != PyThread_get_thread_ident():
             raise RuntimeError("a kqfast transport was used from a thread other than its "
                                "loop's: use loop.call_soon_threadsafe()")
-        if self.reactor.core.inherited:
-            self.reactor.check_process()
         return 0
 
     cdef bint served(self):
@@ -124,11 +133,10 @@ cdef class StreamHandle:
 
     # ---- writing ----------------------------------------------------------------------
 
-    cdef write(self, data):
+    cdef int write(self, data) except -1:
         cdef Py_buffer view
         if PyBytes_CheckExact(data):  # the common case, without the buffer protocol
-            self.write_bytes(PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
-            return
+            return self.write_bytes(PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError(f"data argument must be a bytes-like object, not "
                             f"{type(data).__name__!r}")
@@ -137,8 +145,9 @@ cdef class StreamHandle:
             self.write_bytes(<const char *>view.buf, view.len)
         finally:
             PyBuffer_Release(&view)
+        return 0
 
-    cdef write_bytes(self, const char *data, Py_ssize_t n):
+    cdef int write_bytes(self, const char *data, Py_ssize_t n) except -1:
         """asyncio's write(): send at once what the socket takes, queue the rest, pause the
         protocol over the high-water mark."""
         cdef Conn *c
@@ -148,28 +157,28 @@ cdef class StreamHandle:
         if self.eof_written:
             raise RuntimeError("Cannot call write() after write_eof()")
         if n == 0:
-            return
+            return 0
         c = self.conn()
         if c is NULL or c.flags & C_LOST:
             self.lost_writes += 1
             if self.lost_writes > _LOG_THRESHOLD_FOR_CONNLOST_WRITES:
                 _aio_log.warning("socket.send() raised exception.")
-            return
+            return 0
         if c.out is NULL:
             sent = kq_send(self.fd, data, n)
             if sent < 0:
                 if not kq_retry_later(errno):
                     self.force_close(_errno_exception(errno), False)
-                    return
+                    return 0
                 sent = 0
             self.reactor.core.bytes_out += sent
             touch(&self.reactor.core, self.fd)
             if sent == n:
-                return
+                return 0
         c.out = buf_append(c.out, data + sent, n - sent)
         if c.out is NULL or set_mask(&self.reactor.core, self.fd, c.mask | KQ_WRITABLE) < 0:
             self.force_close(_errno_exception(ENOMEM if c.out is NULL else errno), True)
-            return
+            return 0
         size = c.out.end - c.out.start
         if c.flags & C_SERVED and size > self.reactor.core.max_output:
             self.force_close(OSError(ENOBUFS, f"output buffer over max_output "
@@ -177,6 +186,7 @@ cdef class StreamHandle:
                                               f"peer does not read"), True)
         elif size > self.high_water:
             self.pause_protocol()
+        return 0
 
     cdef pause_protocol(self):
         cdef Conn *c = self.conn()
@@ -296,7 +306,7 @@ cdef class StreamHandle:
             return
         data, self.held = self.held, None
         if data:
-            self.deliver(PyByteArray_AS_STRING(data), len(data))
+            self.deliver(self.conn(), PyByteArray_AS_STRING(data), len(data))
         if self.held is not None:
             return  # paused again on the way
         if self.held_eof:
@@ -305,22 +315,33 @@ cdef class StreamHandle:
         else:
             self.start_reading()
 
-    cdef deliver(self, const char *data, size_t n):
+    cdef inline int deliver(self, Conn *c, const char *data, size_t n) except -1:
         """Input for the protocol: held while reading is paused, framed into lines for a
-        LineProtocol, copied into a BufferedProtocol's buffers, or data_received."""
-        cdef Conn *c = self.conn()
+        LineProtocol, copied into a BufferedProtocol's buffers, or data_received.  c: the
+        stream's entry, self.conn() (inline: the Python pass calls this for every read)."""
         if c is NULL or self.closing:
-            return
+            return 0
+        if self.held is not None or c.flags & (C_READ_PAUSED | C_LINE | C_BUFFERED):
+            self.deliver_framed(c, data, n)
+            return 0
+        try:
+            call2(self.data_received, self.protocol, PyBytes_FromStringAndSize(data, n))
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self.fatal_error(exc, "Fatal error: protocol.data_received() call failed.")
+        return 0
+
+    cdef deliver_framed(self, Conn *c, const char *data, size_t n):
+        """deliver's other cases: held while reading is paused, lines, buffers."""
         if self.held is not None or c.flags & C_READ_PAUSED:
             self.hold(data, n)
             return
         try:
             if c.flags & C_LINE:
                 self.frame_lines(data, n)
-            elif c.flags & C_BUFFERED:
-                _feed_buffered(self.protocol, PyBytes_FromStringAndSize(data, n))
             else:
-                self.data_received(self.protocol, PyBytes_FromStringAndSize(data, n))
+                _feed_buffered(self.protocol, PyBytes_FromStringAndSize(data, n))
         except (SystemExit, KeyboardInterrupt):
             raise
         except BaseException as exc:

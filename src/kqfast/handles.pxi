@@ -29,7 +29,6 @@ cdef extern from "Python.h":
 cdef object _Handle = _asyncio.Handle
 cdef object _TimerHandle = _asyncio.TimerHandle
 cdef object _copy_context = _contextvars.copy_context
-cdef object _heappush = _heapq.heappush
 cdef object _format_callback_source = _aio_format_helpers._format_callback_source
 
 
@@ -93,7 +92,7 @@ def call_soon(self, callback, *args, context=None):
     if R.closed:
         raise RuntimeError("Event loop is closed")
     handle = new_handle_for(callback, args, self, context)
-    R.ready.append(handle)
+    R.ready_append(handle)
     return handle
 
 
@@ -109,7 +108,7 @@ def call_at(self, when, callback, *args, context=None):
     timer = new_handle_for(callback, args, self, context, _TimerHandle)
     slot_set(timer, T_WHEN, when)
     slot_set(timer, T_SCHEDULED, True)
-    _heappush(self._scheduled, timer)
+    heap_push(R.scheduled, timer)
     return timer
 
 
@@ -118,6 +117,12 @@ def call_later(self, delay, callback, *args, context=None):
     if delay is None:
         raise TypeError("delay must not be None")
     return call_at(self, kq_monotonic() + delay, callback, *args, context=context)
+
+
+def create_future(self):
+    """kqfast.Loop.create_future: asyncio's, without a Python frame (asyncio.futures.Future
+    looked up each time, as asyncio does: tests swap in the pure-Python one)."""
+    return _aio_futures.Future(loop=self)
 
 
 def create_task(self, coro, **kwargs):

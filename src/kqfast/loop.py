@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import inspect
+import operator
 import signal
 import sys
 import threading
@@ -31,6 +32,11 @@ _T = TypeVar("_T")
 # _start_serving; on older ones kqfast.Loop.create_server keeps it (_capture_context).
 _SERVERS_KEEP_CONTEXT = "copy_context" in base_events.Server.__init__.__code__.co_names
 _STDLIB_START_SERVING = inspect.signature(asyncio.SelectorEventLoop._start_serving)
+
+
+def _reactor_attribute(name: str) -> property:
+    return property(operator.attrgetter(f"_reactor.{name}"),
+                    lambda loop, value: setattr(loop._reactor, name, value))
 
 
 class Loop(asyncio.SelectorEventLoop):
@@ -56,19 +62,29 @@ class Loop(asyncio.SelectorEventLoop):
 
     def __init__(self) -> None:
         self._reactor = _core.Reactor()
-        super().__init__(_core.KqSelector(self._reactor))
-        self._reactor.attach(self)
+        selector = _core.KqSelector(self._reactor)
+        super().__init__(selector)
+        self._reactor.attach(self, selector._fd_to_key)
 
-    # In C: the iteration (asyncio's _run_once plus the core's pass), the handles of
-    # call_soon, call_at and call_later (made directly), create_future and create_task.
-    # Type checkers see asyncio's own signatures for them, which these take as they are.
+    # In C: the iteration (asyncio's _run_once plus the core's pass, every iteration of a
+    # run_forever in one call), the handles of call_soon, call_at and call_later (made
+    # directly), create_future and create_task.  Type checkers see asyncio's own signatures
+    # for them, which these take as they are.
     _run_once = _core.run_once
+    _timer_handle_cancelled = _core.timer_handle_cancelled
     if not TYPE_CHECKING:
         call_soon = _core.call_soon
         call_at = _core.call_at
         call_later = _core.call_later
         create_future = _core.create_future
         create_task = _core.create_task
+
+    # The loop state asyncio's code reads and writes, kept in the Reactor, where the
+    # iteration reads it without a dictionary lookup.
+    _ready = _reactor_attribute("ready_queue")
+    _scheduled = _reactor_attribute("scheduled")
+    _stopping = _reactor_attribute("stopping")
+    _timer_cancelled_count = _reactor_attribute("timer_cancelled_count")
 
     def set_debug(self, enabled: bool) -> None:
         super().set_debug(enabled)
@@ -93,11 +109,15 @@ class Loop(asyncio.SelectorEventLoop):
         keeps it): a signal between two runs is handled by the next."""
         old = -1
         watch = threading.current_thread() is threading.main_thread() and not self.is_closed()
+        outermost = not self._reactor.in_run_forever
         if watch:
             old = signal.set_wakeup_fd(self._csock.fileno())  # type: ignore[attr-defined]
+        self._reactor.in_run_forever = True
         try:
             super().run_forever()
         finally:
+            if outermost:
+                self._reactor.in_run_forever = False
             if watch and not self._signal_handlers:  # type: ignore[attr-defined]
                 signal.set_wakeup_fd(-1 if old == self._csock.fileno() else old)
 

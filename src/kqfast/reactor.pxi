@@ -12,6 +12,20 @@ from cpython.contextvars cimport (PyContext_Copy, PyContext_CopyCurrent, PyConte
                                   PyContext_Exit)
 from cpython.pythread cimport PyThread_get_thread_ident
 
+cdef extern from "Python.h":
+    ctypedef struct PyInterpreterState:
+        pass
+    PyInterpreterState *PyInterpreterState_Head()
+    PyInterpreterState *PyInterpreterState_Next(PyInterpreterState *interp)
+    void *PyInterpreterState_ThreadHead(PyInterpreterState *interp)
+    void *PyThreadState_Next(void *tstate)
+    # The running thread's state: which thread runs a loop (a pointer compare), and its
+    # current context (NULL before any was made: a stream's callbacks enter the stream's
+    # own context unless it is already the current one, as entering it twice raises).
+    ctypedef struct ThreadContext "PyThreadState":
+        PyObject *context
+    ThreadContext *current_thread_state "PyThreadState_Get"() noexcept
+
 _log = _logging.getLogger("kqfast")
 
 cdef class StreamHandle
@@ -50,6 +64,18 @@ cdef class Source:
 
 # final: the core is reached through self.core directly (no vtable), so the C compiler can
 # inline the hot path's small steps.
+cdef enum:
+    GIL_HOLD_MS = 5     # CPython's default switch interval
+
+
+cdef inline bint only_thread() noexcept:
+    """Whether this is the process's one interpreter with one thread state: no other thread
+    can be waiting for the GIL."""
+    cdef PyInterpreterState *interp = PyInterpreterState_Head()
+    return (PyInterpreterState_Next(interp) is NULL and
+            PyThreadState_Next(PyInterpreterState_ThreadHead(interp)) is NULL)
+
+
 @cython.final
 cdef class Reactor:
     """A poller and the fd table of everything it watches."""
@@ -68,12 +94,22 @@ cdef class Reactor:
     # the handle its iteration runs the Python pass for.
     cdef object loop
     cdef unsigned long thread_id
+    cdef void *thread_state         # the PyThreadState of that thread
     cdef readonly object io_handle
     cdef object on_drained
-    # The loop's own state, mirrored here for call_soon() and run_once(): its ready deque,
-    # and whether it is closed or in debug mode.
-    cdef object ready
-    cdef public bint closed, debug
+    # The asyncio loop's own state, kept here where the iteration and call_soon() read it
+    # without a dictionary lookup (kqfast.Loop's _ready, _scheduled, _stopping and
+    # _timer_cancelled_count are properties over these; _debug and the closed state are
+    # mirrored): the ready deque with its bound append and popleft, the timer heap, ...
+    cdef object ready, ready_append, ready_popleft
+    cdef public list scheduled
+    cdef public bint stopping, closed, debug
+    cdef public Py_ssize_t timer_cancelled_count
+    cdef double clock_resolution
+    # ... whether asyncio's run_forever is running the loop (its _run_once then runs every
+    # iteration), and the selector's fd -> key map.
+    cdef public bint in_run_forever
+    cdef dict selector_keys
 
     def __cinit__(self):
         cdef LoopCore *L = &self.core
@@ -203,12 +239,22 @@ cdef class Reactor:
 
     # ---- an asyncio loop's reactor ----------------------------------------------------
 
-    def attach(self, loop):
-        """Serves the asyncio loop loop: its streams' callbacks go through it."""
+    def attach(self, loop, dict selector_keys):
+        """Serves the asyncio loop loop, whose selector keeps selector_keys: its streams'
+        callbacks go through it."""
         self.loop = loop
-        self.ready = loop._ready
         self.debug = loop.get_debug()
+        self.clock_resolution = loop._clock_resolution
+        self.selector_keys = selector_keys
         self.io_handle = _asyncio.Handle(dispatch_handle, (self,), loop)
+
+    @property
+    def ready_queue(self):
+        return self.ready
+
+    @ready_queue.setter
+    def ready_queue(self, queue):
+        self.ready, self.ready_append, self.ready_popleft = queue, queue.append, queue.popleft
 
     @property
     def thread_id(self):
@@ -216,7 +262,9 @@ cdef class Reactor:
 
     @thread_id.setter
     def thread_id(self, ident):
+        """Set by asyncio in the thread that starts running the loop (None when it stops)."""
         self.thread_id = ident or 0
+        self.thread_state = <void *>current_thread_state() if ident else NULL
 
     def watch(self, int fd, int mask):
         """The selector's registration of fd: interest in mask (KQ_READABLE|KQ_WRITABLE)."""
@@ -238,14 +286,31 @@ cdef class Reactor:
         if 0 <= fd < self.core.nconns and self.core.conns[fd].kind == K_WATCHED:
             close_entry(&self.core, fd)
 
-    def poll(self, timeout, dict fd_to_key):
-        """One nogil pass: waits up to timeout seconds (None: until something happens),
-        serves the streams in C, leaves records for dispatch() (whose handle it puts in the
-        loop's ready queue); returns the selector's ready keys as [(key, events)]."""
+    def poll(self, timeout):
+        """The selector's select() (what asyncio's own _run_once calls, where kqfast's is not
+        used): one nogil pass, the Python pass's handle in the ready queue if it has work;
+        returns the selector's ready keys as [(key, events)]."""
+        self.wait(timeout_ms(timeout))
+        if records_pending(self):
+            self.ready_append(self.io_handle)
+        return self.watched_keys()
+
+    cdef int wait(self, int ms) except -1:
+        """One pass of the core: waits up to ms milliseconds (-1: until something happens; 0
+        while records wait for the Python pass), serves the streams in C and leaves records
+        for dispatch().  Ctrl-C during the wait raises here.  Returns 1 when Python code ran
+        (signal handlers, the drained callback), else 0.
+
+        The GIL is released for the wait, but for its first GIL_HOLD_MS where no other
+        thread could want it (one interpreter, one thread state): handing it over and taking
+        it back costs a busy loop more than its callbacks (~400 instructions a wake), and
+        nobody is there to take it.  A thread that appears meanwhile (a C library's, asking
+        for the GIL) waits at most that long, as for any Python code's switch interval."""
         cdef LoopCore *L = &self.core
-        cdef int ms = 0 if records_pending(self) else timeout_ms(timeout)
-        cdef int n, i, mask, events
+        cdef int n
         self.check_process()
+        if records_pending(self):
+            ms = 0
         if L.nrecords > RECORD_SOFT_CAP:
             # The last Python pass was cut short (a KeyboardInterrupt, the rest of its batch
             # left for this iteration) with more records pending than one batch's reserve
@@ -253,27 +318,37 @@ cdef class Reactor:
             # level-triggered, waits in the kernel.  (A native server never has records.)
             set_clock(L)
             n = 0
-        else:
+        elif ms == 0 or not only_thread():
             with nogil:
                 n = poll_once(L, ms)
+        else:
+            n = poll_once(L, ms if 0 < ms < GIL_HOLD_MS else GIL_HOLD_MS)
+            if n == 0 and (ms < 0 or ms > GIL_HOLD_MS) and not records_pending(self):
+                with nogil:  # nothing came: wait on without the GIL
+                    n = poll_once(L, -1 if ms < 0 else ms - GIL_HOLD_MS)
         if n < 0:
             if errno != EINTR:
                 L.wait_errno = errno
                 L.wait_failures += 1
                 self.report_wait_error()
-            PyErr_CheckSignals()  # Ctrl-C during the wait raises here
-            return []
+            PyErr_CheckSignals()
+            return 1
         L.wait_failures = 0
-        if records_pending(self) and self.ready is not None:
-            self.ready.append(self.io_handle)
         if self.on_drained is not None and L.n_current == 0:
             callback, self.on_drained = self.on_drained, None
             callback()
+            return 1
+        return 0
+
+    cdef list watched_keys(self):
+        """The selector's fds that were ready in the last pass, as [(key, events)]."""
+        cdef LoopCore *L = &self.core
+        cdef int i, mask, events
         if L.nwatched == 0:
             return []
         ready = []
         for i in range(L.nwatched):
-            key = fd_to_key.get(L.watched[i].fd)
+            key = self.selector_keys.get(L.watched[i].fd)
             if key is None:
                 continue
             mask = L.watched[i].mask

@@ -5,6 +5,15 @@ from asyncio import constants as _aio_constants
 from asyncio import futures as _aio_futures
 from asyncio import transports as _aio_transports
 
+from cpython.object cimport PyCFunction, PyMethodDef, PyTypeObject
+
+cdef extern from "Python.h":
+    object PyDescr_NewMethod(PyTypeObject *cls, PyMethodDef *method)
+    enum:
+        METH_NOARGS
+        METH_FASTCALL
+        METH_KEYWORDS
+
 
 # _FlowControlMixin: what loop.sendfile()'s fallback checks for (and reads the state of).
 class Transport(_aio_transports._FlowControlMixin):
@@ -18,8 +27,7 @@ class Transport(_aio_transports._FlowControlMixin):
     def __init__(self, *args, **kwargs):
         raise TypeError("kqfast transports are made by the event loop")
 
-    def write(self, data):
-        handle_of(self).write(data)
+    # write() and is_closing(): C methods, set below.
 
     def writelines(self, list_of_data):
         handle_of(self).write(b"".join(list_of_data))
@@ -90,9 +98,6 @@ class Transport(_aio_transports._FlowControlMixin):
         cdef Conn *c = handle_of(self).conn()
         return c is not NULL and bool(c.flags & C_READ_PAUSED)
 
-    def is_closing(self):
-        return bool(handle_of(self).closing)
-
     def get_protocol(self):
         return handle_of(self).protocol
 
@@ -115,13 +120,58 @@ class Transport(_aio_transports._FlowControlMixin):
 cdef Py_ssize_t T_HANDLE = slot_offset(Transport, "_h")
 
 
+# The two methods every protocol and stream calls all the time, as C methods of the class
+# (method descriptors, as the built-in types' are): Python calls them without the generic
+# call path a Cython function takes.
+cdef object transport_write(object self, PyObject **args, Py_ssize_t nargs, PyObject *kwnames):
+    cdef StreamHandle h = handle_in(self)
+    cdef PyObject *data
+    if nargs == 1 and kwnames is NULL:
+        data = args[0]
+        if PyBytes_CheckExact(<object>data):  # the common case, without the buffer protocol
+            h.write_bytes(PyBytes_AS_STRING(<object>data), PyBytes_GET_SIZE(<object>data))
+        else:
+            h.write(<object>data)
+    else:
+        h.write(_one_argument("write", "data", args, nargs, kwnames))
+    return None
+
+
+cdef object _one_argument(str method, str name, PyObject **args, Py_ssize_t nargs,
+                          PyObject *kwnames):
+    """The argument name of Transport.method(name), given by position or keyword."""
+    cdef tuple keywords = () if kwnames is NULL else <tuple>kwnames
+    if nargs + len(keywords) == 1 and (nargs == 1 or keywords[0] == name):
+        return <object>args[0]
+    raise TypeError(f"Transport.{method}() takes exactly one argument ({name})")
+
+
+cdef object transport_is_closing(object self, object unused):
+    return bool(handle_in(self).closing)
+
+
+cdef PyMethodDef _WRITE = PyMethodDef(
+    ml_name="write", ml_meth=<PyCFunction>transport_write, ml_flags=METH_FASTCALL | METH_KEYWORDS,
+    ml_doc="write($self, data)\n--\n\nWrites data (bytes-like) to the stream; what the "
+           "socket does not take at once is buffered and sent as it drains.")
+cdef PyMethodDef _IS_CLOSING = PyMethodDef(
+    ml_name="is_closing", ml_meth=<PyCFunction>transport_is_closing, ml_flags=METH_NOARGS,
+    ml_doc="is_closing($self, /)\n--\n\nWhether the transport is closing or closed.")
+Transport.write = PyDescr_NewMethod(<PyTypeObject *>Transport, &_WRITE)
+Transport.is_closing = PyDescr_NewMethod(<PyTypeObject *>Transport, &_IS_CLOSING)
+
+
 cdef inline StreamHandle handle_of(transport):
     """The stream behind a Transport, read from its slot (the hot path skips the attribute
     machinery); a Transport the loop did not make has none."""
-    cdef PyObject *h
     if type(transport) is not Transport and not isinstance(transport, Transport):
         raise TypeError(f"expected a kqfast.Transport, not {type(transport).__name__}")
-    h = slot_get(transport, T_HANDLE)
+    return handle_in(transport)
+
+
+cdef inline StreamHandle handle_in(transport):
+    """handle_of for a transport known to be a Transport (a method descriptor checked)."""
+    cdef PyObject *h = slot_get(transport, T_HANDLE)
     if h is NULL:
         raise TypeError("kqfast transports are made by the event loop")
     return <StreamHandle>h

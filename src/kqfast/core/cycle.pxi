@@ -4,9 +4,9 @@
 
 
 cdef int poll_once(LoopCore *L, int timeout_ms) noexcept nogil:
-    """One wait and what it brought; returns 0, or -1 when the wait failed (errno says
-    why).  An asyncio loop calls it only at or under the records' soft cap (Reactor.poll),
-    so the reserve above it holds a whole batch's."""
+    """One wait and what it brought; returns the number of events, or -1 when the wait
+    failed (errno says why).  An asyncio loop calls it only at or under the records' soft
+    cap (Reactor.wait), so the reserve above it holds a whole batch's."""
     cdef int n, due = wait_ms(L)
     if due >= 0 and (timeout_ms < 0 or due < timeout_ms):
         timeout_ms = due
@@ -15,7 +15,7 @@ cdef int poll_once(LoopCore *L, int timeout_ms) noexcept nogil:
     if n < 0:
         return -1
     handle_events(L, n)
-    return 0
+    return n
 
 
 cdef void run_native(LoopCore *L) noexcept nogil:
@@ -56,7 +56,8 @@ cdef inline void handle_events(LoopCore *L, int n) noexcept nogil:
 
 
 cdef inline void on_input_event(LoopCore *L, int fd) noexcept nogil:
-    """Plain readability: a native stream in its ordinary state reads at once."""
+    """Plain readability: a native stream in its ordinary state reads at once.  (Kept this
+    small: GCC inlines it, and read_native in it, into the wake.)"""
     cdef Conn *c
     if <unsigned int>fd < <unsigned int>L.nconns:
         c = &L.conns[<unsigned int>fd]
@@ -67,7 +68,13 @@ cdef inline void on_input_event(LoopCore *L, int fd) noexcept nogil:
 
 
 cdef void on_other_input(LoopCore *L, int fd) noexcept nogil:
+    """Plain readability of anything else: a Python stream in its ordinary state reads
+    for the Python pass at once; the rest goes by its entry's kind."""
     cdef kq_event ev
+    if (<unsigned int>fd < <unsigned int>L.nconns and L.conns[fd].kind == K_STREAM
+            and L.conns[fd].flags & C_NOT_PLAIN == C_PY):
+        read_for_python(L, fd)
+        return
     ev.fd, ev.mask, ev.err = fd, KQ_READABLE, 0
     handle_event(L, ev)
 

@@ -11,7 +11,6 @@ cdef void on_readable(LoopCore *L, int fd, int hangup_err) noexcept nogil:
     kept until the input ends."""
     cdef Conn *c = &L.conns[fd]
     cdef ssize_t n
-    cdef size_t room
     if hangup_err:
         c.error = hangup_err
     if c.flags & C_LINGER:
@@ -30,6 +29,13 @@ cdef void on_readable(LoopCore *L, int fd, int hangup_err) noexcept nogil:
     if not (c.flags & C_PY):
         read_native(L, c, fd)
         return
+    read_for_python(L, fd)
+
+
+cdef void read_for_python(LoopCore *L, int fd) noexcept nogil:
+    """One read into the batch's arena, for the Python pass (a data record)."""
+    cdef ssize_t n
+    cdef size_t room
     if ARENA_SIZE - L.arena_used < ARENA_MIN_ROOM or L.nrecords >= RECORD_SOFT_CAP:
         return  # level-triggered: the rest is read after this batch is dispatched
     room = ARENA_SIZE - L.arena_used
