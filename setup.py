@@ -32,9 +32,12 @@ def extension(name: str, source: str) -> Extension:
     sys.pxd includes into the module itself (so no source of its own here)."""
     return Extension(
         name,
-        [source, "src/kqfast/netio.c"],
+        [source, "src/kqfast/netio.c", "src/kqfast/tls.c"],
         include_dirs=["src/kqfast"],
         define_macros=macros,
+        # dlopen() and dlsym() find the interpreter's own OpenSSL (tls.c); in libc since
+        # glibc 2.34, in libdl before (manylinux_2_28).
+        libraries=["dl"] if sys.platform.startswith("linux") else [],
         # Hidden: only the module's init function (which Python marks visible) is exported,
         # so the compiler may inline the poller's functions into the loop and calls skip the
         # PLT.

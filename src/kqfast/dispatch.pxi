@@ -47,6 +47,14 @@ cdef inline int handle_record(LoopCore *L, Record *r, StreamHandle h) except -1:
         h.flushed_after_close()
     elif r.kind == R_LOST:
         h.force_close(_errno_exception(r.err), h.loses_output())
+    elif h.tls is None:
+        return 0  # a TLS record of a link detached since (its SSLProtocol has the bytes)
+    elif r.kind == R_TLS_DATA:
+        h.tls.deliver(L.arena + r.off, r.length)
+    elif r.kind == R_TLS_INPUT:
+        h.tls.step()
+    elif r.kind == R_TLS_FAILED:
+        h.tls.failed()
 
 
 cdef bint records_pending(Reactor R) noexcept:

@@ -73,6 +73,7 @@ cdef class StreamHandle:
     cdef object data_received       # its class's function, looked up once (as uvloop does)
     cdef object transport           # the Transport protocols see; None once the stream ended
     cdef object server              # the asyncio Server that accepted it, if any
+    cdef TlsLink tls                # an SSLProtocol's link to the core (tls_link.pxi)
     # The contextvars.Context every protocol callback of this stream runs in: a copy of the
     # one current where its server or connection was made (Python 3.15's rule), so nothing
     # a callback sets reaches another stream or the code that runs the loop.
@@ -120,6 +121,9 @@ cdef class StreamHandle:
 
     cdef bint set_protocol(self, protocol) except -1:
         cdef Conn *c = self.conn()
+        if self.tls is not None:
+            self.tls.detach()
+        upgrade_tls(protocol)
         self.protocol = protocol
         self.protocol_connected = True
         self.data_received = _protocol_method(protocol, "data_received")
@@ -544,6 +548,8 @@ cdef class StreamHandle:
         self.get_extra_info("sockname", None)
         self.get_extra_info("peername", None)
         self.ended = True
+        if self.tls is not None:
+            self.tls.detach()
         if self.sock is not None:
             self.sock.detach()  # the socket object must never close a number it lost
         c = self.conn()

@@ -48,18 +48,22 @@ LINE_ECHO = NativeHandler("line_echo")
 
 cdef class Source:
     """What a listener or inbox makes streams for: the socket it accepts from (kept open while
-    it serves), the protocol factory, the asyncio Server, if any, and the context each of its
-    streams gets a copy of (None: a copy of the one current now)."""
+    it serves), the protocol factory, the asyncio Server, if any, the context each of its
+    streams gets a copy of (None: a copy of the one current now), and for a TLS server
+    (sslcontext, ssl_handshake_timeout, ssl_shutdown_timeout)."""
     cdef readonly object sock
     cdef readonly object protocol_factory
     cdef readonly object server
     cdef readonly bint served
     cdef readonly object context
+    cdef readonly tuple tls
 
-    def __cinit__(self, sock, protocol_factory, server, bint served, context=None):
+    def __cinit__(self, sock, protocol_factory, server, bint served, context=None,
+                  tuple tls=None):
         self.sock, self.protocol_factory, self.server = sock, protocol_factory, server
         self.served = served
         self.context = PyContext_CopyCurrent() if context is None else context
+        self.tls = tls
 
 
 # final: the core is reached through self.core directly (no vtable), so the C compiler can
@@ -87,6 +91,7 @@ cdef class Reactor:
     cdef bint holds_handles
     cdef object __weakref__
     cdef dict sources               # fd -> Source: listeners and inboxes
+    cdef object tls_context         # a native TLS server's ssl.SSLContext
     cdef object inbox_w             # the write end of this reactor's inbox, if any
     cdef object calls               # call_soon_threadsafe() of a native server
     cdef object pending_exc
@@ -120,7 +125,8 @@ cdef class Reactor:
         L.conns = table_reserve()
         L.records = <Record *>malloc(RECORD_CAP * sizeof(Record))
         L.arena = <char *>malloc(ARENA_SIZE)
-        if L.conns is NULL or L.records is NULL or L.arena is NULL or not table_grow(
+        L.tls_out = <char *>malloc(TLS_OUT_CHUNK)
+        if L.conns is NULL or L.records is NULL or L.arena is NULL or L.tls_out is NULL or not table_grow(
                 L, fd_limit()):
             raise MemoryError()
         timers_init(L)
@@ -145,18 +151,25 @@ cdef class Reactor:
             if L.conns[fd].kind == K_STREAM:
                 h, L.conns[fd].transport = L.conns[fd].transport, NULL
                 c_close(fd)
+                if L.conns[fd].tls is not NULL:
+                    tls_forget(&L.conns[fd])
                 if self.holds_handles:
                     Py_XDECREF(h)
         kq_poller_free(L.poller)
         table_release(L)
         free(L.records)
         free(L.arena)
+        free(L.tls_out)
         free(L.handoff_fds)
 
     def configure(self, handler, *, max_line, high_water, low_water, max_output, idle_timeout,
-                  linger_timeout, max_connections):
-        """Sets what serves the streams of served sources and the limits they live by."""
+                  linger_timeout, max_connections, ssl=None):
+        """Sets what serves the streams of served sources and the limits they live by (and
+        for native handlers, the ssl.SSLContext their streams are accepted with)."""
         cdef LoopCore *L = &self.core
+        if ssl is not None and handler in (ECHO, LINE_ECHO):
+            L.tls_ctx = context_ctx(ssl)
+            self.tls_context = ssl  # keeps L.tls_ctx alive
         if handler is ECHO:
             L.handler = H_ECHO
         elif handler is LINE_ECHO:

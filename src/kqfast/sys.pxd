@@ -49,6 +49,55 @@ cdef extern from "netio.h" nogil:
     int kq_load(int *flag)
     void kq_store(int *flag, int value)
 
+cdef extern from "tls.h" nogil:
+    # OpenSSL through the interpreter's own _ssl (see tls.h).
+    ctypedef struct SSL:
+        pass
+    ctypedef struct SSL_CTX:
+        pass
+    ctypedef struct BIO:
+        pass
+    ctypedef struct kq_tls:
+        SSL *ssl
+        BIO *rbio
+        BIO *wbio
+        int flags
+        int fail_kind
+        unsigned long fail_code
+    enum:
+        KQ_TLS_OWNED
+        KQ_TLS_DECRYPT
+        KQ_TLS_SEND
+        KQ_TLS_DONE
+        KQ_TLS_MORE
+        KQ_TLS_CLOSED
+        KQ_TLS_FULL
+        KQ_TLS_FAILED
+    int kq_tls_load(const char *module_path, unsigned long expected_version, char *why, size_t n)
+    int kq_tls_loaded()
+    int kq_tls_accept(kq_tls *t, SSL_CTX *ctx)
+    void kq_tls_release(kq_tls *t)
+    int kq_tls_feed(kq_tls *t, const void *data, size_t n)
+    int kq_tls_read(kq_tls *t, char *out, size_t cap, size_t *got)
+    int kq_tls_write(kq_tls *t, const void *data, size_t n)
+    void kq_tls_close_notify(kq_tls *t)
+    size_t kq_tls_pending_in(const kq_tls *t)
+    size_t kq_tls_pending_out(const kq_tls *t)
+    size_t kq_tls_take_out(kq_tls *t, char *buf, size_t cap)
+    int kq_tls_error_lib(unsigned long code)
+    int kq_tls_error_reason(unsigned long code)
+    const char *kq_tls_error_string(unsigned long code)
+    long kq_tls_verify_result(SSL *ssl)
+    const char *kq_tls_verify_string(long result)
+    unsigned long kq_tls_ctx_options(SSL_CTX *ctx)
+    SSL_CTX *kq_tls_ctx_of(SSL *ssl)
+    BIO *kq_tls_rbio_of(SSL *ssl)
+    BIO *kq_tls_wbio_of(SSL *ssl)
+    int kq_tls_is_server(SSL *ssl)
+    const char *kq_tls_servername(SSL *ssl)
+    size_t kq_tls_bio_pending(BIO *bio)
+    const char *kq_tls_library_version()
+
 cdef extern from "<sys/socket.h>" nogil:
     ssize_t recv(int fd, void *buf, size_t n, int flags)
     int shutdown(int fd, int how)
@@ -71,5 +120,6 @@ cdef extern from "<errno.h>" nogil:
         ENOBUFS
         ENOMEM
         ECONNABORTED
+        EPROTO
         ETIMEDOUT
         EADDRNOTAVAIL

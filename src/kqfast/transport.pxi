@@ -227,7 +227,9 @@ cdef start_made(Reactor R, Record *r, Source source, context):
     cdef StreamHandle h
     try:
         protocol = source.protocol_factory()
-        h = new_handle(R, r.fd, protocol, source.server, None, context)
+        stream_protocol = protocol if source.tls is None else tls_server_protocol(
+            R.loop, protocol, source.tls)
+        h = new_handle(R, r.fd, stream_protocol, source.server, None, context)
     except (SystemExit, KeyboardInterrupt):
         close_now(L, r.fd, True)
         raise
@@ -241,7 +243,7 @@ cdef start_made(Reactor R, Record *r, Source source, context):
             R.loop.call_exception_handler(report)
         return
     try:
-        protocol.connection_made(h.transport)
+        stream_protocol.connection_made(h.transport)
     except (SystemExit, KeyboardInterrupt):
         raise
     except BaseException as exc:

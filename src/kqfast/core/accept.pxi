@@ -64,6 +64,10 @@ cdef void admit(LoopCore *L, int fd, int origin) noexcept nogil:
         close_now(L, fd, True)
         return
     L.conns[fd].mask = KQ_READABLE
+    if L.tls_ctx is not NULL and L.handler != H_PROTOCOL and accept_tls(L, fd) < 0:
+        L.n_errors += 1
+        close_now(L, fd, True)
+        return
     if L.handler == H_PROTOCOL:
         r = record(L, fd, R_MADE, 0, 0, 0)
         r.origin, r.origin_gen = origin, L.conns[origin].gen

@@ -106,6 +106,7 @@ cdef void open_conn(LoopCore *L, int fd, uint32_t flags) noexcept nogil:
     c.error = 0
     c.low_water = 0
     c.out = c.partial = NULL
+    c.tls = NULL
     c.transport = NULL
     c.timer = T_NONE
     timer_push(L, fd, T_IDLE if flags & C_SERVED else T_NONE)
@@ -156,6 +157,8 @@ cdef void close_now(LoopCore *L, int fd, bint reset) noexcept nogil:
     free(c.out)
     free(c.partial)
     c.out = c.partial = NULL
+    if c.tls is not NULL:
+        tls_forget(c)
     c.kind = K_FREE
     c.flags = 0
     c.gen += 1

@@ -12,10 +12,11 @@ cdef enum:
     ARENA_MIN_ROOM = 16384
     RECORD_CAP = 4096
     # Reads, accepts and timers, whose count per batch is unbounded, stop here; the rest of
-    # the array is kept for the at most 3 records that one event can add (a data, EOF or
-    # loss on the read side; resume plus closed or loss on the write side).  A poll takes
-    # events only at or under it (see Reactor.poll), so no order of input can overflow.
-    RECORD_SOFT_CAP = RECORD_CAP - 3 * EVENT_CAP
+    # the array is kept for the at most 4 records that one event can add (a data, EOF or
+    # loss on the read side, or a TLS stream's plaintext and its next step; resume plus
+    # closed or loss on the write side).  A poll takes events only at or under it (see
+    # Reactor.poll), so no order of input can overflow.
+    RECORD_SOFT_CAP = RECORD_CAP - 4 * EVENT_CAP
 
 # Handler kinds: what runs a connection's bytes.
 cdef enum:
@@ -49,8 +50,9 @@ cdef enum:
     C_SERVED = 2048     # kqfast.Server's limits apply: idle timeout, max_output, lingering
     C_BUFFERED = 4096   # asyncio.BufferedProtocol: the Python pass reads into get_buffer()
     C_UNIX = 8192       # a listener of Unix sockets (no TCP_NODELAY on what it accepts)
+    C_TLS = 16384       # its bytes go through an OpenSSL connection (Conn.tls)
     # Any of these takes a stream's input off the hot path (read_native) to on_readable.
-    C_NOT_PLAIN = C_PY | C_LINGER | C_CLOSING | C_READ_PAUSED | C_LOST | C_BUFFERED
+    C_NOT_PLAIN = C_PY | C_LINGER | C_CLOSING | C_READ_PAUSED | C_LOST | C_BUFFERED | C_TLS
 
 # Timer lists: each open connection is on one, ordered by last activity because every
 # connection on a list has the same timeout.  Moving to the tail on activity is O(1).
@@ -70,13 +72,16 @@ cdef enum:
     R_RESUME = 5
     R_CLOSED = 6
     R_READABLE = 7      # a BufferedProtocol's socket has input
+    R_TLS_DATA = 8      # a TLS stream's plaintext, for its app protocol
+    R_TLS_INPUT = 9     # a TLS stream's records, for asyncio's SSLProtocol to take a step on
+    R_TLS_FAILED = 10   # a TLS stream's records failed to decrypt (kq_tls.fail_* say why)
 
 ctypedef struct Buffer:
     size_t start
     size_t end
     size_t cap
 
-# 56 bytes: the table holds one per possible fd, so idle memory is what connections use.
+# 64 bytes: the table holds one per possible fd, so idle memory is what connections use.
 ctypedef struct Conn:
     uint32_t flags
     uint32_t gen        # bumped on close: a record for an older gen is stale
@@ -90,6 +95,7 @@ ctypedef struct Conn:
     double active       # last progress, for the timer lists
     Buffer *out         # bytes the socket did not take yet
     Buffer *partial     # an incomplete line
+    kq_tls *tls         # a TLS stream's OpenSSL connection (C_TLS)
     PyObject *transport # a stream's StreamHandle; what a listener or inbox makes streams for
 
 ctypedef struct Record:
@@ -130,6 +136,8 @@ ctypedef struct LoopCore:
     int *handoff_fds
     int nhandoff, next_handoff
     int handler                 # what serves the streams kqfast.Server accepts
+    SSL_CTX *tls_ctx            # and over TLS, the context they are accepted with
+    char *tls_out               # TLS records on their way from OpenSSL to a socket
     size_t max_line, high_water, low_water, max_output
     int max_connections
     double now, stop_deadline

@@ -21,6 +21,9 @@ cdef void on_readable(LoopCore *L, int fd, int hangup_err) noexcept nogil:
         return
     if c.flags & (C_CLOSING | C_READ_PAUSED | C_LOST):
         return
+    if c.flags & C_TLS:
+        read_tls(L, c, fd)
+        return
     if c.flags & C_BUFFERED:
         # The protocol's own buffer is the destination: the Python pass reads.
         if L.nrecords < RECORD_SOFT_CAP:

@@ -35,8 +35,17 @@ cdef enum:
 
 
 cdef inline int emit(LoopCore *L, Conn *c, int fd, const char *data, size_t n) noexcept nogil:
+    """A native handler's output: sent or queued (encrypted first on a TLS stream); returns
+    SENT, QUEUED or an errno (the connection failed).  c: fd's entry."""
+    if c.tls is not NULL:
+        return emit_tls(L, c, fd, data, n)
+    return send_or_queue(L, c, fd, data, n)
+
+
+cdef inline int send_or_queue(LoopCore *L, Conn *c, int fd, const char *data,
+                              size_t n) noexcept nogil:
     """Sends at once when nothing is queued, queues the rest and asks for write readiness;
-    returns SENT, QUEUED or an errno (the connection failed).  c: fd's entry."""
+    returns SENT, QUEUED or an errno (the connection failed)."""
     cdef ssize_t sent
     if n == 0:
         return SENT
@@ -71,6 +80,10 @@ cdef void begin_close(LoopCore *L, int fd) noexcept nogil:
     side, then let the peer finish (closing with unread input would reset the connection
     and lose the output still in flight)."""
     cdef Conn *c = &L.conns[fd]
+    if c.tls is not NULL:
+        close_notify(L, c, fd)
+        if c.kind != K_STREAM:
+            return  # it failed
     c.flags |= C_CLOSING
     timer_push(L, fd, T_IDLE)  # the close has an idle period of its own
     if c.out is not NULL:
@@ -167,6 +180,8 @@ cdef void on_writable(LoopCore *L, int fd) noexcept nogil:
         mask |= KQ_READABLE
     if set_mask(L, fd, mask) < 0:
         fail(L, fd, errno)
+    elif c.tls is not NULL and mask & KQ_READABLE and not (c.flags & C_PY):
+        decrypt_native(L, c, fd)  # records read before the pause wait in OpenSSL, not the socket
     elif c.flags & C_CLOSING:
         record(L, fd, R_CLOSED, 0, 0, 0)
     elif c.flags & C_WRITE_EOF and not (c.flags & C_WRITE_SHUT):
