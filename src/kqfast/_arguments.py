@@ -92,3 +92,24 @@ def choice(name: str, value: object, choices: tuple[str, ...]) -> str:
         _refuse(name, expected, value, ValueError if isinstance(value, str) else TypeError)
     assert isinstance(value, str)
     return value
+
+
+def server_tls(value: object, native: bool) -> Any:
+    """None, or an ssl.SSLContext a server can accept with.  Native handlers never take the
+    GIL, so a context with Python callbacks (which OpenSSL would call mid-handshake) cannot
+    serve them."""
+    import ssl
+    if value is None:
+        return None
+    if not isinstance(value, ssl.SSLContext):
+        _refuse("ssl", "an ssl.SSLContext or None", value, TypeError)
+    if value.protocol is ssl.PROTOCOL_TLS_CLIENT:
+        raise ValueError("ssl must be a server-side context (ssl.create_default_context("
+                         "ssl.Purpose.CLIENT_AUTH), or ssl.PROTOCOL_TLS_SERVER), not a client's")
+    if native:
+        for attribute in ("sni_callback", "keylog_filename", "_msg_callback"):
+            if getattr(value, attribute, None) is not None:
+                raise ValueError(f"ssl.{attribute} is set: native handlers run without the "
+                                 f"GIL and cannot call Python during a handshake (serve a "
+                                 f"protocol factory instead)")
+    return value

@@ -9,6 +9,7 @@ import logging
 import os
 import resource
 import socket
+import ssl as ssl_module
 import stat
 import sys
 import threading
@@ -16,7 +17,7 @@ from typing import Any, Callable, Tuple, TypedDict, Union
 
 from kqfast import _arguments
 from kqfast._addresses import Address, bind_each, check_port_free, resolve
-from kqfast._core import ECHO, LINE_ECHO, NativeHandler, Reactor, Source, _listen_fd
+from kqfast._core import ECHO, LINE_ECHO, NativeHandler, Reactor, Source, _listen_fd, tls_engine
 from kqfast.loop import Loop
 
 _log = logging.getLogger("kqfast")
@@ -69,7 +70,7 @@ class Server:
     Server(handler, host="127.0.0.1", port=8080, *, workers=1, backlog=1024,
            max_connections=None, idle_timeout=60.0, max_line=65536, high_water=65536,
            low_water=16384, reuse_port=False, max_output=16 MiB, linger_timeout=2.0,
-           balance=None)
+           balance=None, ssl=None)
 
     handler         kqfast.ECHO or kqfast.LINE_ECHO (native: run in C, never take the GIL),
                     or a protocol factory: any callable returning an asyncio.Protocol (a
@@ -95,6 +96,8 @@ class Server:
     linger_timeout  seconds a closing connection waits for its peer to read and close.
     balance         with workers > 1: "reuseport" (a listener per loop) or "handoff" (one
                     loop accepts and hands connections on); None: the platform's best.
+    ssl             an ssl.SSLContext (server side) to serve TLS with; native handlers then
+                    run the handshake and records in C too, never taking the GIL.
 
     Bad arguments raise TypeError or ValueError naming the parameter; an address that cannot
     be bound raises OSError naming it.  serve_forever() serves in this thread, start() from
@@ -112,11 +115,14 @@ class Server:
                  idle_timeout: float | None = 60.0, max_line: int = 65536,
                  high_water: int = 65536, low_water: int = 16384, reuse_port: bool = False,
                  max_output: int = 16 * 1024 * 1024, linger_timeout: float = 2.0,
-                 balance: str | None = None) -> None:
+                 balance: str | None = None, ssl: ssl_module.SSLContext | None = None) -> None:
         native = handler is ECHO or handler is LINE_ECHO
         if not native and not callable(handler):
             raise TypeError(f"handler must be kqfast.ECHO, kqfast.LINE_ECHO or a protocol "
                             f"factory, not {handler!r}")
+        ssl = _arguments.server_tls(ssl, native)
+        if ssl is not None and native and tls_engine() is not None:
+            raise RuntimeError(f"native handlers cannot serve TLS here: {tls_engine()}")
         name = _arguments.host(host, every_interface=True)
         port = _arguments.port(port)
         workers = _arguments.integer("workers", workers, 1, _arguments.MAX_COUNT)
@@ -145,7 +151,8 @@ class Server:
                       idle_timeout=_arguments.seconds("idle_timeout", idle_timeout,
                                                       allow_none=True),
                       linger_timeout=_arguments.seconds("linger_timeout", linger_timeout),
-                      max_connections=max_connections or default_max_connections())
+                      max_connections=max_connections or default_max_connections(),
+                      ssl=ssl)
         self._native = native
         self._reactors: list[Reactor] = []
         self._loops: list[Loop] = []
@@ -161,6 +168,8 @@ class Server:
         per_loop_listener = balance == "reuseport"
         share_port = reuse_port or (workers > 1 and per_loop_listener)
         factory = None if native else handler
+        # Protocols get asyncio's TLS (on the engine, where it runs) with its default timeouts.
+        tls = (ssl, None, None) if ssl is not None and not native else None
         addresses: list[Address] = []
         if unix_path is None:
             addresses = resolve(name, port)  # a name that does not resolve says so
@@ -180,10 +189,10 @@ class Server:
                 elif per_loop_listener:
                     socks = [self._listen(a.host, port, backlog, share_port) for a in addresses]
                 else:
-                    reactor.open_inbox(Source(None, factory, None, True))
+                    reactor.open_inbox(Source(None, factory, None, True, tls=tls))
                     continue
                 for sock in socks:
-                    reactor.add_listener(sock, Source(sock, factory, None, True))
+                    reactor.add_listener(sock, Source(sock, factory, None, True, tls=tls))
             if workers > 1 and not per_loop_listener:
                 self._reactors[0].hand_off_to(self._reactors)
         except BaseException:

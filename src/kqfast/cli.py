@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import ssl
 import sys
 import threading
 import time
@@ -58,12 +59,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shutdown-timeout", type=seconds, default=5.0,
                    help="on SIGINT/SIGTERM, how long pending output may flush "
                         "(default %(default)g)")
+    p.add_argument("--tls-cert", metavar="FILE",
+                   help="serve TLS with this certificate chain (PEM; needs --tls-key)")
+    p.add_argument("--tls-key", metavar="FILE", help="the certificate's private key (PEM)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if (args.tls_cert is None) != (args.tls_key is None):
+        parser.error("--tls-cert and --tls-key go together")
     if args.processes > 1 and "/" in args.host:
         parser.error("--processes needs a TCP host: a Unix socket path has one listener, "
                      "which processes cannot share (use --workers)")
@@ -84,7 +90,23 @@ def _make_server(args, port: int, reuse_port: bool) -> Server:
         handler = LineEchoProtocol if args.mode == "line" else EchoProtocol
     return Server(handler, args.host, port, workers=args.workers, backlog=args.backlog,
                   max_connections=args.max_connections, idle_timeout=args.idle_timeout,
-                  max_line=args.max_line, reuse_port=reuse_port)
+                  max_line=args.max_line, reuse_port=reuse_port, ssl=_tls_context(args))
+
+
+def _tls_context(args) -> ssl.SSLContext | None:
+    """--tls-cert/--tls-key as a server's context (ssl's defaults: TLS 1.2 and later).  A file
+    that cannot be read or parsed is an OSError: one line naming it, exit status 1."""
+    if args.tls_cert is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(args.tls_cert, args.tls_key)
+    except ssl.SSLError as exc:
+        raise OSError(f"cannot load --tls-cert {args.tls_cert} / --tls-key {args.tls_key}: "
+                      f"{exc.reason or exc}") from exc
+    except OSError as exc:
+        raise OSError(f"cannot read {exc.filename or args.tls_cert}: {exc.strerror}") from exc
+    return context
 
 
 def _serve(args, server: Server, ready: Callable[[], None], log_shutdown: bool = True) -> int:
@@ -173,8 +195,9 @@ def _announce(args: argparse.Namespace, addresses: list[ServerAddress]) -> None:
     where = " and ".join(address if isinstance(address, str) else address_text(*address)
                          for address in addresses)
     processes = f", processes={args.processes}" if args.processes > 1 else ""
+    tls = ", tls" if args.tls_cert else ""
     _say(f"listening on {where} (backend={kqfast.BACKEND}, handler={args.handler},"
-         f" mode={args.mode}, workers={args.workers}{processes})")
+         f" mode={args.mode}, workers={args.workers}{processes}{tls})")
 
 
 def _say(line: str) -> None:

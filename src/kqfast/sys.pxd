@@ -77,6 +77,7 @@ cdef extern from "tls.h" nogil:
     int kq_tls_loaded()
     int kq_tls_accept(kq_tls *t, SSL_CTX *ctx)
     void kq_tls_release(kq_tls *t)
+    void kq_tls_keep_buffers(kq_tls *t)
     int kq_tls_feed(kq_tls *t, const void *data, size_t n)
     int kq_tls_read(kq_tls *t, char *out, size_t cap, size_t *got)
     int kq_tls_write(kq_tls *t, const void *data, size_t n)

@@ -16,6 +16,8 @@ typedef struct bio_method_st BIO_METHOD;
 #define SSL_ERROR_ZERO_RETURN 6
 #define SSL_SENT_SHUTDOWN 1
 #define SSL_CTRL_MODE 33
+#define SSL_CTRL_CLEAR_MODE 78
+#define SSL_MODE_RELEASE_BUFFERS 0x10
 #define SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER 0x2
 #define SSL_MODE_AUTO_RETRY 0x4
 #define BIO_CTRL_PENDING 10
@@ -48,6 +50,7 @@ static struct {
     int (*BIO_write)(BIO *, const void *, int);
     long (*BIO_ctrl)(BIO *, int, long, void *);
     void (*ERR_clear_error)(void);
+    unsigned long (*ERR_peek_error)(void);
     unsigned long (*ERR_peek_last_error)(void);
     const char *(*ERR_reason_error_string)(unsigned long);
     const char *(*X509_verify_cert_error_string)(long);
@@ -62,7 +65,7 @@ static const char *const ossl_names[] = {
     "SSL_set_accept_state", "SSL_ctrl", "SSL_get_SSL_CTX", "SSL_get_rbio", "SSL_get_wbio",
     "SSL_is_server", "SSL_get_servername", "SSL_get_verify_result", "SSL_CTX_get_options",
     "BIO_new", "BIO_s_mem", "BIO_free", "BIO_read", "BIO_write", "BIO_ctrl",
-    "ERR_clear_error", "ERR_peek_last_error", "ERR_reason_error_string",
+    "ERR_clear_error", "ERR_peek_error", "ERR_peek_last_error", "ERR_reason_error_string",
     "X509_verify_cert_error_string", "OpenSSL_version_num", "OpenSSL_version",
 };
 
@@ -119,8 +122,24 @@ int kq_tls_accept(kq_tls *t, SSL_CTX *ctx) {
                   SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER | SSL_MODE_AUTO_RETRY, NULL);
     ossl.SSL_set_bio(t->ssl, t->rbio, t->wbio);  /* the SSL owns them from here on */
     ossl.SSL_set_accept_state(t->ssl);
+    kq_tls_keep_buffers(t);
     t->flags = KQ_TLS_OWNED | KQ_TLS_DECRYPT | KQ_TLS_SEND;
     return 0;
+}
+
+void kq_tls_keep_buffers(kq_tls *t) {
+    /* Python's ssl contexts ask OpenSSL to free a connection's record buffers whenever they
+     * are empty: a malloc, a memset and a free per record, more than a third of a small
+     * record's cost.  The core keeps them (some 50 KiB per busy connection). */
+    ossl.SSL_ctrl(t->ssl, SSL_CTRL_CLEAR_MODE, SSL_MODE_RELEASE_BUFFERS, NULL);
+}
+
+/* SSL_get_error() reads the thread's error queue, which must be empty before a call; it
+ * almost always is (a failure empties it: failed() below, Python's ssl), and looking costs
+ * a fraction of emptying it. */
+static inline void clear_errors(void) {
+    if (ossl.ERR_peek_error() != 0)
+        ossl.ERR_clear_error();
 }
 
 void kq_tls_release(kq_tls *t) {
@@ -139,9 +158,11 @@ int kq_tls_feed(kq_tls *t, const void *data, size_t n) {
  * SSLAgainErrors: a want-read, or a "syscall" error with an error queued) are not failures;
  * the others are kept for the exception. */
 static int failed(kq_tls *t, int kind) {
-    unsigned long code = ossl.ERR_peek_last_error();
-    if (kind == SSL_ERROR_WANT_READ || kind == SSL_ERROR_WANT_WRITE ||
-        (kind == SSL_ERROR_SYSCALL && code != 0))
+    unsigned long code;
+    if (kind == SSL_ERROR_WANT_READ || kind == SSL_ERROR_WANT_WRITE)
+        return KQ_TLS_MORE;
+    code = ossl.ERR_peek_last_error();
+    if (kind == SSL_ERROR_SYSCALL && code != 0)
         return KQ_TLS_MORE;
     t->fail_kind = kind;
     t->fail_code = code;
@@ -153,7 +174,7 @@ int kq_tls_read(kq_tls *t, char *out, size_t cap, size_t *got) {
     size_t total = 0, n;
     int kind, result;
     while (total < cap) {
-        ossl.ERR_clear_error();  /* SSL_get_error() reads the thread's queue */
+        clear_errors();
         if (ossl.SSL_read_ex(t->ssl, out + total, cap - total, &n)) {
             total += n;
             continue;
@@ -173,7 +194,7 @@ int kq_tls_read(kq_tls *t, char *out, size_t cap, size_t *got) {
 int kq_tls_write(kq_tls *t, const void *data, size_t n) {
     size_t done;
     while (n > 0) {
-        ossl.ERR_clear_error();
+        clear_errors();
         if (!ossl.SSL_write_ex(t->ssl, data, n, &done))
             return failed(t, ossl.SSL_get_error(t->ssl, 0));
         data = (const char *)data + done;

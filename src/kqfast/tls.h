@@ -53,6 +53,8 @@ int kq_tls_loaded(void);
 /* A server-side connection on ctx with memory BIOs of its own (a native server's): 0, or -1
  * when OpenSSL is out of memory. */
 int kq_tls_accept(kq_tls *t, SSL_CTX *ctx);
+/* Keeps the connection's record buffers between records (see tls.c). */
+void kq_tls_keep_buffers(kq_tls *t);
 /* Frees what kq_tls_accept made; a borrowed connection (Python's) is only forgotten. */
 void kq_tls_release(kq_tls *t);
 

@@ -26,6 +26,9 @@ cdef extern from *:
     SSL *kq_socket_ssl(object sslsocket)
     BIO *kq_memory_bio(object memory_bio)
 
+cdef enum:
+    MAX_RECORD = 16384 + 2048 + 5   # a TLS record's most ciphertext: payload, expansion, header
+
 # SSLProtocolState, as small numbers the core compares.
 cdef enum:
     S_UNWRAPPED = 0
@@ -175,6 +178,7 @@ cdef class TlsLink:
             return False
         self.sslobj, self.incoming, self.outgoing = sslobj, protocol._incoming, protocol._outgoing
         self.server_hostname = protocol._server_hostname
+        kq_tls_keep_buffers(&self.tls)
         self.handle, self.protocol = h, <PyObject *>protocol
         h.tls = self
         c.tls = &self.tls
@@ -241,18 +245,23 @@ cdef class TlsLink:
         return 0
 
     cdef after_read(self, protocol):
+        cdef size_t pending
         if self.backlog:
             protocol._do_write()
-        elif kq_tls_pending_out(&self.tls) or self.app_writing_due():
+        elif self.ssl_writing_paused or self.app_writing_due(0):
+            # (Otherwise the nogil pass sent what reading made: nothing is pending.)
             protocol._process_outgoing()
-        cdef size_t pending = kq_tls_pending_in(&self.tls)
-        if (pending >= self.in_high and not self.ssl_reading_paused) or (
-                pending <= self.in_low and self.ssl_reading_paused):
-            protocol._control_ssl_reading()
+        # What the core leaves in the incoming BIO is less than one record: read flow
+        # control can only have work with a mark that low, or reading paused.
+        if self.ssl_reading_paused or self.in_high <= MAX_RECORD:
+            pending = kq_tls_pending_in(&self.tls)
+            if (pending >= self.in_high and not self.ssl_reading_paused) or (
+                    pending <= self.in_low and self.ssl_reading_paused):
+                protocol._control_ssl_reading()
 
-    cdef bint app_writing_due(self):
-        """Whether asyncio's app-side flow control has something to do."""
-        cdef size_t size = kq_tls_pending_out(&self.tls)
+    cdef bint app_writing_due(self, size_t size):
+        """Whether asyncio's app-side flow control has something to do, with size bytes
+        buffered (its backlog empty)."""
         return (size >= self.out_high and not self.app_writing_paused) or (
             size <= self.out_low and self.app_writing_paused)
 
@@ -317,7 +326,7 @@ cdef class TlsLink:
             return True
         if not self.ssl_writing_paused:
             self.send_records()
-        if self.app_writing_due():
+        if self.app_writing_due(kq_tls_pending_out(&self.tls) if self.ssl_writing_paused else 0):
             protocol._control_app_writing()
         return True
 
@@ -327,9 +336,10 @@ cdef class TlsLink:
         cdef size_t n
         while True:
             n = kq_tls_take_out(&self.tls, L.tls_out, TLS_OUT_CHUNK)
-            if n == 0:
-                return
-            self.handle.write_bytes(L.tls_out, n)
+            if n:
+                self.handle.write_bytes(L.tls_out, n)
+            if n < TLS_OUT_CHUNK:
+                return  # a memory BIO gives all it has
 
 
 cdef object tls_transport_write(object self, PyObject **args, Py_ssize_t nargs,

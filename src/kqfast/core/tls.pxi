@@ -106,11 +106,12 @@ cdef int send_records(LoopCore *L, Conn *c, int fd) noexcept nogil:
     cdef int result = SENT
     while True:
         n = kq_tls_take_out(c.tls, L.tls_out, TLS_OUT_CHUNK)
-        if n == 0:
-            return result
-        result = send_or_queue(L, c, fd, L.tls_out, n)
-        if result > 0:
-            return result
+        if n:
+            result = send_or_queue(L, c, fd, L.tls_out, n)
+            if result > 0:
+                return result
+        if n < TLS_OUT_CHUNK:
+            return result  # a memory BIO gives all it has
 
 
 cdef void close_notify(LoopCore *L, Conn *c, int fd) noexcept nogil:
