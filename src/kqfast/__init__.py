@@ -20,15 +20,20 @@ from kqfast._core import (
     Socket,
     Transport,
 )
+from kqfast._core import tls_engine as _tls_engine
+from kqfast._core import tls_library as _tls_library
 from kqfast._server import LoopStats, Server, ServerAddress, ServerStats, serve
 from kqfast._tutorial import EventLoop, listen
 from kqfast.loop import Loop, new_event_loop, run
 
 __version__ = "0.2.0.dev0"
 
-TLS_ENGINE = "asyncio SSLProtocol over the core"
-"""What runs TLS (ssl=, start_tls) on kqfast.Loop: today asyncio's own SSLProtocol over a
-core stream."""
+TLS_ENGINE = (f"kqfast: {_tls_library()} called from C" if _tls_engine() is None else
+              f"asyncio SSLProtocol over the core ({_tls_engine()})")
+"""What runs TLS (ssl=, start_tls) on kqfast.Loop, and kqfast.Server's: kqfast's engine
+(records read and written in C through the interpreter's own OpenSSL, asyncio's SSLProtocol
+as the state machine), or where it cannot run, asyncio's own SSLProtocol over a core
+stream, with the reason."""
 
 
 def __getattr__(name: str) -> type[asyncio.AbstractEventLoopPolicy]:

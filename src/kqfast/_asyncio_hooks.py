@@ -17,7 +17,7 @@ import logging
 from asyncio import base_events, events, protocols, sslproto, transports, unix_events
 from typing import Callable
 
-__all__ = ["MISMATCHES", "FALLBACK_METHODS", "usable"]
+__all__ = ["MISMATCHES", "FALLBACK_METHODS", "usable", "mismatch"]
 
 # hook -> what is different about it on this Python.
 MISMATCHES: dict[str, str] = {}
@@ -139,6 +139,84 @@ def _tls() -> str:
             or _takes(sslproto.SSLProtocol.__init__, _SSL_PROTOCOL, ()))
 
 
+# The TLS engine (tls_link.pxi, tls_protocol.pxi) takes over asyncio's SSLProtocol by
+# changing the class of an instance: sound while its state is all in the instance's __dict__.
+# It runs the SSLProtocol's per-record steps itself (the read step, the app's write, what
+# follows each), so those steps must be what it was written for, name for name; and it reads
+# the state those steps keep.
+_SSL_STATES = {"UNWRAPPED", "DO_HANDSHAKE", "WRAPPED", "FLUSHING", "SHUTDOWN"}
+_SSL_STEPS = {
+    "_do_read": {"Exception", "FLUSHING", "SSLProtocolState", "WRAPPED",
+                 "_app_protocol_is_buffer", "_app_reading_paused", "_control_ssl_reading",
+                 "_do_read__buffered", "_do_read__copied", "_do_write", "_fatal_error",
+                 "_process_outgoing", "_state", "_write_backlog"},
+    "_do_read__copied": {"SSLAgainErrors", "_app_protocol", "_call_eof_received", "_sslobj",
+                         "_start_shutdown", "append", "data_received", "join", "max_size",
+                         "read"},
+    "_write_appdata": {"Exception", "FLUSHING", "LOG_THRESHOLD_FOR_CONNLOST_WRITES", "SHUTDOWN",
+                       "SSLProtocolState", "UNWRAPPED", "WRAPPED", "_conn_lost", "_do_write",
+                       "_fatal_error", "_state", "_write_backlog", "_write_buffer_size",
+                       "append", "constants", "len", "logger", "warning"},
+    "_do_write": {"SSLAgainErrors", "_process_outgoing", "_sslobj", "_write_backlog",
+                  "_write_buffer_size", "len", "write"},
+    "_process_outgoing": {"_control_app_writing", "_outgoing", "_ssl_writing_paused",
+                          "_transport", "len", "read", "write"},
+    "_control_app_writing": {"BaseException", "KeyboardInterrupt", "SystemExit",
+                             "_app_protocol", "_app_transport", "_app_writing_paused",
+                             "_get_write_buffer_size", "_loop", "_outgoing_high_water",
+                             "_outgoing_low_water", "call_exception_handler", "pause_writing",
+                             "resume_writing"},
+    "_control_ssl_reading": {"_get_read_buffer_size", "_incoming_high_water",
+                             "_incoming_low_water", "_ssl_reading_paused", "_transport",
+                             "pause_reading", "resume_reading"},
+    "buffer_updated": {"DO_HANDSHAKE", "FLUSHING", "SHUTDOWN", "SSLProtocolState", "WRAPPED",
+                       "_do_flush", "_do_handshake", "_do_read", "_do_shutdown", "_incoming",
+                       "_ssl_buffer_view", "_state", "write"},
+    "_get_write_buffer_size": {"_outgoing", "_write_buffer_size", "pending"},
+    "_get_read_buffer_size": {"_incoming", "pending"},
+}
+_SSL_STATE = {"_state", "_app_reading_paused", "_ssl_writing_paused", "_app_writing_paused",
+              "_ssl_reading_paused", "_write_backlog", "_outgoing_high_water",
+              "_outgoing_low_water", "_incoming_high_water", "_incoming_low_water", "_sslobj",
+              "_incoming", "_outgoing", "_server_hostname", "_app_transport"}
+# The SSLProtocol methods the engine extends (asyncio's, then a sync), by their arguments.
+_SSL_EXTENDED = {"connection_made": ("transport",), "connection_lost": ("exc",),
+                 "_set_state": ("new_state",), "_set_app_protocol": ("app_protocol",),
+                 "_pause_reading": (), "_resume_reading": (), "pause_writing": (),
+                 "resume_writing": (), "_set_write_buffer_limits": ("high", "low"),
+                 "_set_read_buffer_limits": ("high", "low"),
+                 "_write_appdata": ("list_of_data",), "_fatal_error": ("exc", "message")}
+
+
+def _tls_engine() -> str:
+    """'' also for Python 3.10's SSLProtocol, an older design (no state machine), which the
+    engine does not take over: TLS there is asyncio's over a core stream (tls_link.pxi)."""
+    protocol, transport = sslproto.SSLProtocol, sslproto._SSLProtocolTransport
+    if not hasattr(sslproto, "SSLProtocolState"):
+        return ""
+    states = {state.name for state in sslproto.SSLProtocolState}
+    if states != _SSL_STATES:
+        return f"has states {sorted(states)}"
+    for cls in (protocol, transport):
+        if "__slots__" in vars(cls):
+            return f"{cls.__name__} has __slots__"
+    for name, known in _SSL_STEPS.items():
+        why = _uses_only(getattr(protocol, name), known)
+        if why:
+            return f"{name} {why}"
+    for name, arguments in _SSL_EXTENDED.items():
+        why = _takes(getattr(protocol, name), arguments, ())
+        if why:
+            return f"{name} {why}"
+    missing = _SSL_STATE - set(protocol.__init__.__code__.co_names)
+    if missing or "_app_protocol_is_buffer" not in protocol._set_app_protocol.__code__.co_names:
+        return f"no longer keeps {sorted(missing) or ['_app_protocol_is_buffer']}"
+    return (_takes(transport._test__append_write_backlog, ("data",), ())
+            or _uses_only(transport.write, {"TypeError", "__name__", "_ssl_protocol",
+                                            "_write_appdata", "bytearray", "bytes",
+                                            "isinstance", "memoryview", "type"}))
+
+
 def _connect() -> str:
     return _takes(_Loop._sock_connect_cb, ("fut", "sock", "address"), ())
 
@@ -152,6 +230,9 @@ _HOOKS: dict[str, tuple[Callable[[], str], tuple[str, ...]]] = {
                            "_stop_serving")),
     "serving": (_serving, ("_start_serving", "_stop_serving")),
     "tls": (_tls, ("_make_ssl_transport",)),
+    # (No Loop method: the engine asks usable("tls engine") and leaves TLS to asyncio's
+    # SSLProtocol over a core stream when it is not.)
+    "tls engine": (_tls_engine, ()),
     "connect": (_connect, ("_sock_connect_cb",)),
 }
 
@@ -159,6 +240,11 @@ _HOOKS: dict[str, tuple[Callable[[], str], tuple[str, ...]]] = {
 def usable(hook: str) -> bool:
     """Whether kqfast may use its own version of hook on this Python."""
     return hook not in MISMATCHES
+
+
+def mismatch(hook: str) -> str:
+    """What is different about hook on this Python ("" when nothing is)."""
+    return MISMATCHES.get(hook, "")
 
 
 for _hook, (_check, _methods) in _HOOKS.items():

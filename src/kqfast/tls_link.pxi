@@ -61,8 +61,13 @@ cdef object _tls_probe():
     cdef bytes path
     cdef SSL *ssl
     cdef BIO *rbio
+    if _os.environ.get("KQFAST_TLS_ENGINE") == "asyncio":
+        return "KQFAST_TLS_ENGINE=asyncio asks for asyncio's own"
+    from kqfast import _asyncio_hooks  # (a module of the package this one is part of)
     if not hasattr(_sslproto, "SSLProtocolState"):
-        return "this Python's asyncio has the SSLProtocol of 3.10 and older"
+        return "Python 3.10's asyncio has an older SSLProtocol, which the engine does not drive"
+    if not _asyncio_hooks.usable("tls engine"):
+        return f"this Python's asyncio SSLProtocol {_asyncio_hooks.mismatch('tls engine')}"
     # _ssl built into the interpreter has no file: its OpenSSL is then the program's.
     path = _os.fsencode(_ssl.__file__) if hasattr(_ssl, "__file__") else None
     if kq_tls_load(NULL if path is None else <const char *>path,
@@ -185,6 +190,12 @@ cdef class TlsLink:
         c.flags |= C_TLS
         self.sync(protocol)
         return True
+
+    cdef int check_thread(self) except -1:
+        """The SSL object is the core's too: only the loop's thread may touch it."""
+        if self.handle is not None:
+            self.handle.check_thread()
+        return 0
 
     cdef detach(self):
         """The stream is no longer the SSLProtocol's (it ended, or has another protocol)."""
@@ -315,7 +326,6 @@ cdef class TlsLink:
             return False
         if n == 0:
             return False
-        self.handle.check_thread()
         result = kq_tls_write(&self.tls, buf, n)
         if result == KQ_TLS_MORE:
             return False  # nothing taken: asyncio's backlog holds it and retries
@@ -347,6 +357,8 @@ cdef object tls_transport_write(object self, PyObject **args, Py_ssize_t nargs,
     """CoreSSLTransport.write: the link's, else asyncio's own."""
     data = _one_argument("write", "data", args, nargs, kwnames)
     link = getattr(self, "_kq_link", None)
+    if link is not None:
+        (<TlsLink>link).check_thread()
     if link is None or not (<TlsLink>link).write(data):
         _SSLProtocolTransport.write(self, data)
     return None

@@ -92,11 +92,32 @@ class CoreSSLProtocol(_SSLProtocol):
 
 
 class CoreSSLTransport(_SSLProtocolTransport):
-    """asyncio's SSL app transport, whose write() encrypts in C (set below)."""
+    """asyncio's SSL app transport, whose write() encrypts in C (set below), and whose
+    methods refuse other threads than the loop's (RuntimeError): the SSL object they work on
+    is the core's too."""
 
     def _test__append_write_backlog(self, data):
         _SSLProtocolTransport._test__append_write_backlog(self, data)
         _sync(self._ssl_protocol)
+
+
+def _loop_thread_only(name):
+    method = getattr(_SSLProtocolTransport, name)
+
+    def guarded(self, *args, **kwargs):
+        link = self.__dict__.get("_kq_link")
+        if link is not None:
+            (<TlsLink>link).check_thread()
+        return method(self, *args, **kwargs)
+    guarded.__name__, guarded.__qualname__ = name, f"CoreSSLTransport.{name}"
+    guarded.__doc__ = method.__doc__
+    return guarded
+
+
+for _name in ("writelines", "close", "abort", "pause_reading", "resume_reading",
+              "set_write_buffer_limits", "get_write_buffer_size", "set_read_buffer_limits",
+              "get_read_buffer_size", "set_protocol"):
+    setattr(CoreSSLTransport, _name, _loop_thread_only(_name))
 
 
 cdef PyMethodDef _TLS_WRITE = PyMethodDef(
