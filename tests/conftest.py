@@ -5,8 +5,10 @@ KQFAST_BACKEND=kqueue|epoll to make the session fail unless the build is that ba
 from __future__ import annotations
 
 import os
+import ssl
 
 import pytest
+import trustme
 
 import kqfast
 from support import EchoProcess, start_echo
@@ -62,3 +64,31 @@ def serve():
     yield start
     for server in servers:
         server.stop(timeout=1.0)
+
+
+@pytest.fixture(scope="session")
+def tls():
+    """(server context, client context) from a trustme CA, for "localhost"."""
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost", "127.0.0.1")
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    cert.configure_cert(server)
+    client = ssl.create_default_context()
+    ca.configure_trust(client)
+    return server, client
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory, tls):
+    """A certificate chain and key as PEM files (for kqfast-echo, openssl and uvicorn), and
+    the client context that trusts them."""
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost", "127.0.0.1")
+    where = tmp_path_factory.mktemp("tls")
+    cert.cert_chain_pems[0].write_to_path(where / "cert.pem")
+    for pem in cert.cert_chain_pems[1:]:
+        pem.write_to_path(where / "cert.pem", append=True)
+    cert.private_key_pem.write_to_path(where / "key.pem")
+    ca.cert_pem.write_to_path(where / "ca.pem")
+    client = ssl.create_default_context(cafile=str(where / "ca.pem"))
+    return where / "cert.pem", where / "key.pem", client

@@ -10,12 +10,10 @@ import asyncio
 import contextvars
 import os
 import socket
-import ssl
 import sys
 import tempfile
 
 import pytest
-import trustme
 
 import kqfast
 
@@ -309,18 +307,6 @@ def test_adopted_sockets_run_in_a_copy_of_the_context_of_connect_accepted_socket
 
     run_on(loop_factory, main)
     check_streams(log, {"adopted": "adopter"})
-
-
-@pytest.fixture(scope="module")
-def tls():
-    """(server context, client context) from a trustme CA."""
-    ca = trustme.CA()
-    cert = ca.issue_cert("localhost")
-    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    cert.configure_cert(server)
-    client = ssl.create_default_context()
-    ca.configure_trust(client)
-    return server, client
 
 
 def test_tls_streams_follow_the_rule_both_ways(loop_factory, tls):

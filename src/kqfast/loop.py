@@ -134,8 +134,8 @@ class Loop(asyncio.SelectorEventLoop):
     def _make_ssl_transport(self, rawsock, protocol, sslcontext, waiter=None, *,
                             server_side=False, server_hostname=None, extra=None, server=None,
                             context=None, **timeouts):
-        """TLS is asyncio's SSLProtocol over a core stream (timeouts: what this Python's
-        SSLProtocol takes)."""
+        """TLS is asyncio's SSLProtocol over a core stream, whose records the core reads and
+        writes in C (kqfast.TLS_ENGINE; timeouts: what this Python's SSLProtocol takes)."""
         self._ensure_fd_no_transport(rawsock)
         ssl_protocol = sslproto.SSLProtocol(self, protocol, sslcontext, waiter, server_side,
                                             server_hostname, **timeouts)
@@ -143,20 +143,21 @@ class Loop(asyncio.SelectorEventLoop):
         return ssl_protocol._app_transport
 
     def _start_serving(self, *args, **kwargs):
-        """Accepts in C.  The arguments are what this Python's asyncio.Server passes: the
-        factory, the socket, TLS settings and (3.15) the server's context."""
-        call = _STDLIB_START_SERVING.bind(self, *args, **kwargs)
-        arguments = call.arguments
+        """Accepts in C, TLS servers too (asyncio's SSLProtocol over each stream drives its
+        handshake: no task per connection).  The arguments are what this Python's
+        asyncio.Server passes: the factory, the socket, TLS settings and (3.15) the server's
+        context."""
+        arguments = _STDLIB_START_SERVING.bind(self, *args, **kwargs).arguments
         context = arguments.get("context") or getattr(arguments.get("server"), "_context",
                                                        None) or contextvars.copy_context()
+        tls = None
         if arguments.get("sslcontext"):
-            # The handshake needs a task per connection: accepted the standard way (each in
-            # a copy of context, from 3.15), served over a core stream (_make_ssl_transport).
-            super()._start_serving(*call.args[1:], **call.kwargs)  # without self
-            return
+            tls = (arguments["sslcontext"], arguments.get("ssl_handshake_timeout"),
+                   arguments.get("ssl_shutdown_timeout"))
         sock = arguments["sock"]
         self._reactor.add_listener(sock, _core.Source(sock, arguments["protocol_factory"],
-                                                      arguments.get("server"), False, context))
+                                                      arguments.get("server"), False, context,
+                                                      tls))
 
     # The private methods below override the standard loop's own (typeshed does not list them).
     def _stop_serving(self, sock) -> None:
