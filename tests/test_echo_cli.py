@@ -350,7 +350,8 @@ HELP_DEFAULTS = {
     "--host": "127.0.0.1", "--port": "8080", "--mode": "line", "--handler": "native",
     "--workers": "1", "--processes": "1", "--backlog": "1024",
     "--max-connections": str(default_max_connections()), "--max-line": "65536",
-    "--idle-timeout": "60", "--shutdown-timeout": "5",
+    "--idle-timeout": "60", "--shutdown-timeout": "5", "--tls-cert": "none",
+    "--tls-key": "none",
 }
 
 

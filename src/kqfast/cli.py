@@ -60,8 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on SIGINT/SIGTERM, how long pending output may flush "
                         "(default %(default)g)")
     p.add_argument("--tls-cert", metavar="FILE",
-                   help="serve TLS with this certificate chain (PEM; needs --tls-key)")
-    p.add_argument("--tls-key", metavar="FILE", help="the certificate's private key (PEM)")
+                   help="serve TLS with this certificate chain (PEM; needs --tls-key) "
+                        "(default none: plain TCP)")
+    p.add_argument("--tls-key", metavar="FILE",
+                   help="the certificate's private key (PEM) (default none)")
     return p
 
 

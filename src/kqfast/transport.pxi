@@ -238,7 +238,7 @@ cdef start_made(Reactor R, Record *r, Source source, context):
                   "exception": exc}
         if source.served:  # kqfast.Server logs the peer (asyncio's context has none)
             report["peername"] = _peername(r.fd)
-        close_now(L, r.fd, True)
+        close_now(L, r.fd, False)  # a FIN, as asyncio's socket object closes it
         if source.served or R.loop.get_debug():
             R.loop.call_exception_handler(report)
         return
