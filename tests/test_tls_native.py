@@ -1,0 +1,168 @@
+"""TLS on kqfast.Server and kqfast-echo: the native handlers serve TLS entirely in C (the
+handshake, records, close_notify), kqfast.Server's protocols get asyncio's TLS on the engine,
+and the arguments are checked up front."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import threading
+
+import pytest
+
+import kqfast
+from support import run_echo_expecting_exit
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def tls_client(context, address, timeout=10.0) -> ssl.SSLSocket:
+    sock = socket.create_connection(address, timeout=timeout)
+    return context.wrap_socket(sock, server_hostname="localhost")
+
+
+def read_to_close_notify(sock: ssl.SSLSocket) -> bytes:
+    """Everything until the server's close_notify (which ssl reads as b""), then the
+    closing handshake back."""
+    data = bytearray()
+    while chunk := sock.recv(65536):
+        data += chunk
+    return bytes(data)
+
+
+@pytest.mark.parametrize("size", [1, 16384, 100_000, 4 << 20])
+def test_native_echo_over_tls(serve, tls, size):
+    """Raw echo: every byte back (4 MiB is past the high-water mark: reading stops and
+    resumes); at EOF the server flushes, sends close_notify and closes."""
+    server = serve(kqfast.ECHO, ssl=tls[0])
+    payload = os.urandom(size)
+    with tls_client(tls[1], server.address) as sock:
+        sender = threading.Thread(target=lambda: (sock.sendall(payload),))
+        sender.start()
+        echoed = bytearray()
+        while len(echoed) < size:
+            echoed += sock.recv(1 << 20)
+        sender.join()
+        sock.unwrap()  # close_notify both ways: the server answers with its own
+    assert bytes(echoed) == payload
+
+
+def test_native_line_echo_over_tls(serve, tls):
+    """Lines come back byte for byte; a blank line closes with close_notify."""
+    server = serve(kqfast.LINE_ECHO, ssl=tls[0])
+    with tls_client(tls[1], server.address) as sock:
+        sock.sendall(b"hello\r\nwor")
+        sock.sendall(b"ld\n\n")
+        assert read_to_close_notify(sock) == b"hello\r\nworld\n"
+
+
+def test_a_handshake_that_fails_closes_only_that_client(serve, tls):
+    """Garbage instead of a ClientHello, a client that trusts nobody, a client that resets
+    halfway: each ends its own connection (counted as an error) and the server serves on."""
+    server = serve(kqfast.ECHO, ssl=tls[0])
+    with socket.create_connection(server.address, timeout=10) as sock:
+        sock.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        while sock.recv(4096):  # an alert, then the close
+            pass
+    with pytest.raises(ssl.SSLCertVerificationError):
+        tls_client(ssl.create_default_context(), server.address)
+    with socket.create_connection(server.address, timeout=10) as sock:
+        outgoing = ssl.MemoryBIO()
+        hello = tls[1].wrap_bio(ssl.MemoryBIO(), outgoing, server_hostname="localhost")
+        with pytest.raises(ssl.SSLWantReadError):
+            hello.do_handshake()
+        sock.sendall(outgoing.read()[:40])
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+    with tls_client(tls[1], server.address) as sock:
+        sock.sendall(b"still serving")
+        assert sock.recv(100) == b"still serving"
+    assert server.stats()["errors"] >= 2
+
+
+def test_a_graceful_stop_sends_close_notify(serve, tls):
+    server = serve(kqfast.ECHO, ssl=tls[0])
+    with tls_client(tls[1], server.address) as idle, \
+            tls_client(tls[1], server.address) as busy:
+        busy.sendall(b"x")
+        assert busy.recv(1) == b"x"
+        idle.sendall(b"y")
+        assert idle.recv(1) == b"y"
+        server.stop(timeout=5)
+        assert read_to_close_notify(idle) == b""
+        assert read_to_close_notify(busy) == b""
+
+
+def test_protocols_of_a_server_get_asyncios_tls(serve, tls):
+    """kqfast.Server with a protocol factory and ssl=: the protocol sees the plaintext and an
+    SSL transport (on the engine where it runs)."""
+    import asyncio
+    seen = {}
+
+    class Upper(asyncio.Protocol):
+        def connection_made(self, transport):
+            self.transport = transport
+            seen["transport"] = type(transport).__name__
+            seen["version"] = transport.get_extra_info("ssl_object").version()
+
+        def data_received(self, data):
+            self.transport.write(data.upper())
+
+    server = serve(Upper, ssl=tls[0])
+    with tls_client(tls[1], server.address) as sock:
+        sock.sendall(b"shout")
+        assert sock.recv(100) == b"SHOUT"
+    assert "ssl" in seen["transport"].lower() and seen["version"].startswith("TLS")
+
+
+@pytest.mark.parametrize("value, error, words", [
+    ("cert.pem", TypeError, "ssl must be an ssl.SSLContext or None"),
+    (ssl.create_default_context(), ValueError, "server-side context"),
+])
+def test_bad_ssl_arguments_name_the_mistake(value, error, words):
+    with pytest.raises(error, match=words):
+        kqfast.Server(kqfast.ECHO, port=0, ssl=value)
+
+
+def test_native_handlers_refuse_a_context_with_python_callbacks(tls):
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.sni_callback = lambda *args: None
+    with pytest.raises(ValueError, match="ssl.sni_callback is set: native handlers"):
+        kqfast.Server(kqfast.LINE_ECHO, port=0, ssl=context)
+    kqfast.Server(lambda: None, port=0, ssl=context).stop()  # protocols may have one
+
+
+def test_kqfast_echo_serves_tls(echo_server, tls_files):
+    cert, key, client = tls_files
+    server = echo_server("--mode", "line", "--tls-cert", str(cert), "--tls-key", str(key))
+    assert server.ready_line.rstrip().endswith("workers=1, tls)")
+    with tls_client(client, (server.host, server.port)) as sock:
+        sock.sendall(b"over tls\n\n")
+        assert read_to_close_notify(sock) == b"over tls\n"
+    code, err = server.stop(sig=signal.SIGINT)
+    assert code == 0, err
+
+
+def test_openssl_s_client_is_echoed(echo_server, tls_files):
+    cert, key, _ = tls_files
+    server = echo_server("--mode", "line", "--tls-cert", str(cert), "--tls-key", str(key))
+    done = subprocess.run(["openssl", "s_client", "-quiet", "-connect",
+                           f"{server.host}:{server.port}"], input=b"from openssl\n\n",
+                          capture_output=True, timeout=20)
+    assert done.stdout == b"from openssl\n", done.stderr
+
+
+def test_kqfast_echo_tls_errors_are_one_line(tmp_path, tls_files):
+    cert, key, _ = tls_files
+    result = run_echo_expecting_exit("--port", "0", "--tls-cert", str(cert))
+    assert result.returncode == 2 and "--tls-cert and --tls-key go together" in result.stderr
+    missing = tmp_path / "missing.pem"
+    result = run_echo_expecting_exit("--port", "0", "--tls-cert", str(missing), "--tls-key",
+                                     str(key))
+    assert result.returncode == 1
+    assert result.stderr == f"kqfast-echo: cannot read {missing}: No such file or directory\n"
+    result = run_echo_expecting_exit("--port", "0", "--tls-cert", str(key), "--tls-key",
+                                     str(key))
+    assert result.returncode == 1 and result.stderr.startswith(
+        f"kqfast-echo: cannot load --tls-cert {key}")
