@@ -48,6 +48,65 @@ def uvicorn_server(request):
     assert "Traceback" not in err, err
 
 
+def test_uvicorn_serves_https_on_kqfast(tls_files):
+    """uvicorn --ssl-certfile/--ssl-keyfile on kqfast.Loop: its TLS is the loop's (the
+    engine, where it runs), requests answered over it."""
+    cert, key, client_context = tls_files
+    listener = socket.create_server(("127.0.0.1", 0))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "asgi_hello:app", "--loop", "kqfast:new_event_loop",
+         "--fd", str(listener.fileno()), "--ssl-certfile", str(cert), "--ssl-keyfile",
+         str(key), "--log-level", "warning"],
+        cwd=APPS, pass_fds=[listener.fileno()], stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    address = listener.getsockname()
+    listener.close()
+    try:
+        conn = http.client.HTTPSConnection(*address, timeout=20, context=client_context)
+        for i in range(5):
+            conn.request("POST", f"/tls/{i}", body=b"secret %d" % i)
+            answer = json.loads(conn.getresponse().read())
+            assert answer["loop"] == LOOP and answer["core_streams"] >= 1
+            assert answer["echo"] == f"secret {i}"
+        conn.close()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err, err
+
+
+def test_aiohttp_over_https_on_kqfast(tls):
+    """aiohttp's server and client over TLS on one kqfast.Loop: both ends' records go
+    through the core (the SSL transport sits on kqfast.Transport)."""
+    under = []
+
+    async def handler(request):
+        under.append(type(request.transport._ssl_protocol._transport))
+        return web.Response(body=await request.read())
+
+    async def main():
+        app = web.Application(client_max_size=4 << 20)
+        app.router.add_post("/", handler)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=tls[0])
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        try:
+            async with aiohttp.ClientSession() as session:
+                for _ in range(3):
+                    body = os.urandom(1 << 20)
+                    async with session.post(f"https://localhost:{port}/", data=body,
+                                            ssl=tls[1]) as resp:
+                        assert await resp.read() == body
+        finally:
+            await runner.cleanup()
+
+    kqfast.run(main())
+    assert under == [kqfast.Transport] * 3
+
+
 def get(address, path: str, body: bytes = b"", keep: http.client.HTTPConnection | None = None):
     conn = keep or http.client.HTTPConnection(*address, timeout=20)
     conn.request("POST" if body else "GET", path, body=body or None)
