@@ -22,7 +22,8 @@ class Server:
     key: str      # the name in results.json
     label: str    # the name in tables and charts
     argv: tuple
-    kind: str = "echo"   # "echo": loaded by kqfast-bench; "http": loaded by wrk
+    kind: str = "echo"   # "echo": loaded by kqfast-bench; "http": by wrk; "tls": by
+                         # redis-benchmark --tls
 
 
 def _python(*args) -> tuple:
@@ -99,6 +100,45 @@ def field(workdir: Path) -> tuple[list[Server], dict[str, str]]:
                                   _python(SERVERS / "uvicorn_hello.py", "--loop", name), "http"))
         else:
             missing[key] = why
+    tls_servers, tls_missing = tls_field(workdir, loops)
+    return servers + tls_servers, {**missing, **tls_missing}
+
+
+def tls_field(workdir: Path, loops: dict) -> tuple[list[Server], dict[str, str]]:
+    """The TLS echo servers (a P-256 certificate made here with openssl): kqfast's native
+    echo and its loop, asyncio, uvloop, and aiofastnet on asyncio's loop and on uvloop."""
+    candidates = [("kqfast-echo-tls", "kqfast ECHO over TLS (native)", None),
+                  ("kqfast-loop-tls", "kqfast loop Protocol over TLS", "kqfast"),
+                  ("asyncio-tls", "asyncio Protocol over TLS", "asyncio"),
+                  ("uvloop-tls", "uvloop Protocol over TLS", "uvloop"),
+                  ("aiofastnet-asyncio-tls", "aiofastnet on asyncio over TLS", "asyncio"),
+                  ("aiofastnet-uvloop-tls", "aiofastnet on uvloop over TLS", "uvloop")]
+    why = (None if shutil.which("redis-benchmark") else
+           "redis-benchmark is not installed (Debian: apt-get install redis-tools)")
+    cert, key = workdir / "tls-cert.pem", workdir / "tls-key.pem"
+    if why is None:
+        made = subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                               "ec_paramgen_curve:P-256", "-nodes", "-days", "2", "-subj",
+                               "/CN=localhost", "-keyout", str(key), "-out", str(cert)],
+                              capture_output=True, text=True) if shutil.which("openssl") else None
+        if made is None or made.returncode != 0:
+            why = "openssl could not make a certificate" + (
+                f": {made.stderr.strip()[-200:]}" if made else " (no openssl command)")
+    servers, missing = [], {}
+    for key_, label, loop in candidates:
+        reason = why or (loops[loop] if loop else None)
+        if reason is None and key_.startswith("aiofastnet") and not importable("aiofastnet"):
+            reason = "aiofastnet is not installed (in kqfast[bench])"
+        if reason is not None:
+            missing[key_] = reason
+            continue
+        if loop is None:
+            argv = _python("-m", "kqfast.cli", "--port", "0", "--mode", "raw", "--tls-cert",
+                           cert, "--tls-key", key)
+        else:
+            argv = _python(SERVERS / "asyncio_echo.py", "--loop", loop, "--tls", cert, key,
+                           *(("--aiofastnet",) if key_.startswith("aiofastnet") else ()))
+        servers.append(Server(key_, label, argv, "tls"))
     return servers, missing
 
 

@@ -16,6 +16,7 @@ it could not count).  `available()` says which of them work on this machine, and
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -200,6 +201,37 @@ def dump_instructions(path: Path) -> int | None:
     return totals
 
 
+# OpenSSL's own work in a dump: the inclusive cost of every call into it, through kqfast's
+# wrappers (tls.c) or Python's ssl module (Modules/_ssl.c; not its clinic wrappers, which the
+# functions named here are inside of).
+# (Entry points only: none of these calls another of them.)
+_OPENSSL_ENTRIES = re.compile(
+    r"^\s*([\d,]+)\s+\(\s*[\d.]+%\)\s+\S*(/tls\.c:kq_tls_(read|write|feed|take_out|"
+    r"close_notify|accept|release|pending_in|pending_out)|Modules/_ssl\.c:(_ssl__SSLSocket_("
+    r"do_handshake|read|write|shutdown)|_ssl__SSLContext__wrap_bio|PySSL_dealloc|"
+    r"_ssl_MemoryBIO_(read|write)_impl))(\s|$)")
+
+
+def dump_openssl_instructions(path: Path) -> int | None:
+    """How many of a dump's instructions ran inside OpenSSL, called by kqfast or by Python's
+    ssl module (None: callgrind_annotate is missing or found nothing)."""
+    try:
+        done = subprocess.run(["callgrind_annotate", "--inclusive=yes", "--threshold=100",
+                               str(path)], capture_output=True, text=True, timeout=300)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    # The per-function table, where a function may appear under two file names (the debug
+    # information's, and the one found from the current directory): counted once.
+    functions = done.stdout.split("-- Auto-annotated source", 1)[0]
+    cost: dict[str, int] = {}
+    for line in functions.splitlines():
+        match = _OPENSSL_ENTRIES.match(line)
+        if match:
+            name = match.group(2).rsplit(":", 1)[1]
+            cost[name] = max(cost.get(name, 0), int(match.group(1).replace(",", "")))
+    return sum(cost.values()) or None
+
+
 class Callgrind:
     """For a server started with callgrind_argv: on() before the warm-up, start() zeroes,
     stop() dumps and returns the instructions counted in between."""
@@ -207,6 +239,7 @@ class Callgrind:
     def __init__(self, pid: int, workdir: Path):
         self.pid, self.workdir = pid, workdir
         self.ok = True
+        self.dump: Path | None = None   # the window's dump, once stop() made it
         # Seconds each command took: the counted window starts and ends that much after the
         # load generator's; about the same at both ends, so the window is shifted rather than
         # shortened (reported with the run as callgrind_lag_s).
@@ -230,7 +263,8 @@ class Callgrind:
             return None
         dumps = sorted(set(self.workdir.glob(f"callgrind.out.{self.pid}.*")) - before,
                        key=lambda p: p.stat().st_mtime)
-        return dump_instructions(dumps[-1]) if dumps else None
+        self.dump = dumps[-1] if dumps else None
+        return dump_instructions(self.dump) if dumps else None
 
     def close(self) -> None:
         pass

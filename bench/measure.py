@@ -1,9 +1,12 @@
 """One measurement each: a load run (kqfast-bench against a server, the server's cost read over
 exactly the measured window by bench/instruments.py), an HTTP run (wrk against a server, the
-same instruments), the memory idle connections cost a server, and the native loop's round
-trips next to a spinning Python thread."""
+same instruments), a TLS run (redis-benchmark --tls against a TLS echo server), the memory
+idle connections cost a server, and the native loop's round trips next to a spinning Python
+thread."""
 from __future__ import annotations
 
+import csv
+import io
 import json
 import signal
 import socket
@@ -42,8 +45,9 @@ class Window:
     "callgrind" is the server under valgrind, read by callgrind alone (valgrind's own work
     would spoil the others).  `have` is instruments.available(): a missing one stays None."""
 
-    def __init__(self, kind: str, have: dict, workdir: Path):
+    def __init__(self, kind: str, have: dict, workdir: Path, openssl: bool = False):
         self.kind, self.have, self.workdir = kind, have, workdir
+        self.openssl = openssl  # also count OpenSSL's own share (callgrind, TLS servers)
         self.parts: dict = {}
         self.proc = None
         self.cpu0 = self.cpu1 = None
@@ -95,6 +99,11 @@ class Window:
                 else None
         if self.kind == "callgrind" and "instructions" in self.parts:
             out["callgrind_lag_s"] = self.parts["instructions"].lag
+            dump = self.parts["instructions"].dump
+            if self.openssl and dump is not None:
+                count = instruments.dump_openssl_instructions(dump)
+                out["openssl_instructions_per_request"] = count / requests if count and \
+                    requests else None
         if self.kind == "native" and self.cpu1 is not None:
             user = self.cpu1.user - self.cpu0.user
             system = self.cpu1.system - self.cpu0.system
@@ -224,6 +233,61 @@ def http_load(argv: tuple, connections: int, duration: float, warmup: float, cpu
     report["requests_per_second"] = report["requests"] / report["duration"]
     report["errors"] = sum(report["errors"].values())
     report["cost"] = window.figures(report["requests"], report["duration"])
+    return report
+
+
+def tls_command(workload: Workload) -> list[str]:
+    """What redis-benchmark sends, as a RESP request an echo server's echo answers validly (an
+    array of bulk strings): PING, 14 bytes, for the 16-byte workloads; ECHO of enough bytes to
+    make the request workload.size long otherwise."""
+    if workload.size <= 16:
+        return ["PING"]
+    body = workload.size - len(f"*2\r\n$4\r\nECHO\r\n${workload.size}\r\n\r\n")
+    return ["ECHO", "x" * body]
+
+
+def _redis_benchmark(port: int, workload: Workload, requests: int, cpu: int | None) -> dict:
+    done = subprocess.run(
+        ["redis-benchmark", "-h", "127.0.0.1", "-p", str(port), "--tls", "--insecure",
+         "-c", str(workload.connections), "-n", str(requests), "--csv", *tls_command(workload)],
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600,
+        preexec_fn=pin(cpu))
+    rows = list(csv.DictReader(io.StringIO(done.stdout)))
+    if done.returncode != 0 or not rows:
+        raise RuntimeError(f"redis-benchmark exit {done.returncode}: "
+                           f"{(done.stderr or done.stdout).strip()[-300:]}")
+    row = rows[-1]
+    return {"requests_per_second": float(row["rps"]),
+            "latency_us": {"p50": float(row["p50_latency_ms"]) * 1000,
+                           "p90": None, "p99": float(row["p99_latency_ms"]) * 1000,
+                           "p99.9": None, "max": float(row["max_latency_ms"]) * 1000}}
+
+
+def tls_load(argv: tuple, workload: Workload, requests: int, cpus: Cpus, log: Path,
+             window: Window) -> dict:
+    """redis-benchmark --tls against a fresh TLS echo server: a warm-up run (a tenth of the
+    requests), then the measured run with the window open from just before redis-benchmark
+    starts to just after it ends, so its connections' handshakes are inside, as a TLS
+    server's users pay them.  (redis-benchmark checks that each reply parses, not each byte:
+    an echo of its request is a valid reply.)"""
+    with Running(window.argv(argv), cpus.server, log, window.ready_timeout) as server:
+        try:
+            window.ready(server.pid)
+            _redis_benchmark(server.port, workload, max(requests // 10, workload.connections),
+                             cpus.client)
+            window.start()
+            started = time.monotonic()
+            try:
+                report = _redis_benchmark(server.port, workload, requests, cpus.client)
+            finally:
+                window.stop()
+            duration = time.monotonic() - started
+        except (RuntimeError, subprocess.SubprocessError) as exc:
+            return {"failed": str(exc)}
+        finally:
+            window.close()
+    report.update(requests=requests, duration=duration, connections=workload.connections,
+                  errors=0, cost=window.figures(requests, duration))
     return report
 
 

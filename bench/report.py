@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import summary
-from summary import FIGURES, HTTP_PAIRS, PAIRS, TOO_SHORT
+from summary import FIGURES, HTTP_PAIRS, PAIRS, TLS_PAIRS, TOO_SHORT
 
 FIGURE_NAMES = {"instructions": "user-space instructions per request (callgrind)",
                 "syscalls": "system calls per request (perf)",
@@ -152,6 +152,29 @@ def http_table(results: dict) -> list[str]:
     return _table(header, rows)
 
 
+def tls_table(results: dict, workload: str) -> list[str]:
+    """A TLS workload: every TLS server's figures, and OpenSSL's own share of its
+    instructions (counted where OpenSSL is called through kqfast or Python's ssl module)."""
+    header = ["server", "req/s", "p50 µs", "p99 µs", "instr/req", "of which OpenSSL",
+              "syscalls/req", "CPU ns/req", "server busy"]
+    rows = []
+    for key, label in results.get("tls_servers", {}).items():
+        m = results["tls"].get(workload, {}).get(key)
+        if m is None or not (m["rounds"] or m["callgrind_rounds"]):
+            why = "failed: " + m["failed"][0][-120:].replace("|", "/").replace("\n", " ") \
+                if m and m["failed"] else "not measured"
+            rows.append([label, why] + [""] * (len(header) - 2))
+            continue
+        rows.append([label, _num(m["requests_per_second"], 0), _num(m["p50"], 0),
+                     _num(m["p99"], 0), _fig("instructions", m["instructions"]),
+                     _fig("instructions", m["openssl_instructions"]),
+                     _fig("syscalls", m["syscalls"]), _fig("cpu_ns", m["cpu_ns"]),
+                     _pct(m["server_busy"])])
+    rows += [[f"{key}: missing"] + ["—"] * (len(header) - 1) for key in results["missing"]
+             if key.endswith("-tls")]
+    return _table(header, rows)
+
+
 def ratio_table(results: dict) -> list[str]:
     header = ["workload", "pair"] + [SHORT[f] for f in FIGURES]
     rows = []
@@ -164,6 +187,11 @@ def ratio_table(results: dict) -> list[str]:
         r = results["ratios"].get("http", {}).get(key, {})
         if any(v is not None for v in r.values()):
             rows.append(["uvicorn hello world (wrk)", label] + [_num(r.get(f)) for f in FIGURES])
+    for w, meta in results.get("tls_workloads", {}).items():
+        for key, label, _, _ in TLS_PAIRS:
+            r = results["ratios"].get(w, {}).get(key, {})
+            if any(v is not None for v in r.values()):
+                rows.append([meta["label"], label] + [_num(r.get(f)) for f in FIGURES])
     return _table(header, rows) if rows else ["No pair was measured.", ""]
 
 
@@ -265,6 +293,12 @@ def markdown(results: dict) -> str:
         lines += figure_table(results, figure)
     if results["http_servers"] or any(k.startswith("uvicorn-") for k in results["missing"]):
         lines += ["### uvicorn + httptools hello world, wrk -t1 -c50", ""] + http_table(results)
+    if results.get("tls_servers") or any(k.endswith("-tls") for k in results["missing"]):
+        lines += ["### TLS echo under redis-benchmark --tls", "",
+                  "Each run counts from just before redis-benchmark starts to just after it "
+                  "ends: its connections' TLS 1.3 handshakes (P-256) are inside.", ""]
+        for workload, w in results.get("tls_workloads", {}).items():
+            lines += [f"#### {w['label']}", ""] + tls_table(results, workload)
     lines += ["### Requests per second", ""] + throughput_table(results)
     lines += ["### Ratios (medians of per-round ratios)", ""] + ratio_table(results)
     if results["parts"]["idle"]:
@@ -319,7 +353,8 @@ def _panels(plt, results: dict, rows: dict, table: dict, figure: str, workloads:
             ax.set_xlim(min(v for v in values if v) / 2, top * 12)
         else:
             ax.set_xlim(0, max(v or 0 for v in values) * 1.35 or 1)
-        name = results["workloads"].get(w, {}).get("label", "uvicorn hello world, wrk -c50")
+        name = {**results["workloads"], **results.get("tls_workloads", {})}.get(w, {}).get(
+            "label", "uvicorn hello world, wrk -c50")
         ax.set_title(name, fontsize=9)
         ax.set_xlabel(xlabel, fontsize=8)
         ax.tick_params(axis="x", labelsize=7)
@@ -354,6 +389,17 @@ def charts(results: dict, out: Path) -> tuple[list[str], str]:
     for name, figure, title, xlabel, log in specs:
         if _panels(plt, results, echo, results["load"], figure, workloads, title, xlabel,
                    out / name, log):
+            written.append(name)
+    tls = results.get("tls_servers", {})
+    for name, figure, title, xlabel, log in (
+            ("tls_instructions_per_request.png", "instructions", "TLS echo: user-space "
+             "instructions per request (callgrind; lower is better)", "instructions / request",
+             False),
+            ("tls_cpu_ns_per_request.png", "cpu_ns", "TLS echo: server CPU per request "
+             "(schedstat; lower is better)", "CPU ns / request", False)):
+        if tls and _panels(plt, results, tls, results["tls"], figure,
+                           list(results.get("tls_workloads", {})), title, xlabel, out / name,
+                           log):
             written.append(name)
     if results["http_servers"]:
         fig, axes = plt.subplots(1, 4, figsize=(17, 0.45 * len(results["http_servers"]) + 1.8),

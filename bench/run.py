@@ -47,7 +47,8 @@ import instruments  # noqa: E402
 import report  # noqa: E402
 import summary  # noqa: E402
 from field import Server, field  # noqa: E402
-from measure import Cpus, Window, Workload, gil, http_load, idle_memory, load, wrk_seconds  # noqa: E402
+from measure import (Cpus, Window, Workload, gil, http_load, idle_memory, load,  # noqa: E402
+                     tls_load, wrk_seconds)
 
 PARTS = ("callgrind", "idle", "gil")
 HTTP_CONNECTIONS = 50
@@ -64,7 +65,20 @@ def workloads(quick: bool) -> list[Workload]:
     ]
 
 
-CALLGRIND_WORKLOADS = ("pingpong", "1k", "pipelined", "latency")
+# The TLS servers' workloads (redis-benchmark --tls), each run for a number of requests: in
+# the native pass REQUESTS_PER_SECOND x --duration, under callgrind TLS_CALLGRIND_REQUESTS.
+def tls_workloads() -> list[Workload]:
+    return [
+        Workload("tls-pingpong", "TLS ping-pong, 16 B, 50 connections", 50, 16, 1),
+        Workload("tls-1k", "TLS ping-pong, 1 KiB, 50 connections", 50, 1024, 1),
+        Workload("tls-latency", "TLS ping-pong, 16 B, 1 connection", 1, 16, 1),
+    ]
+
+
+TLS_REQUESTS_PER_SECOND = 20000
+TLS_CALLGRIND_REQUESTS = {"tls-pingpong": 20000, "tls-1k": 20000, "tls-latency": 5000}
+CALLGRIND_WORKLOADS = ("pingpong", "1k", "pipelined", "latency", "tls-pingpong", "tls-1k",
+                       "tls-latency")
 
 
 def gil_cases(loads: list[Workload], quick: bool) -> list[tuple[str, str, Workload]]:
@@ -167,7 +181,8 @@ class Phase:
             handler, spin, workload = self.case
             return f"gil {handler} spin={spin} {workload.key}"
         what = {"load": "", "callgrind": " [callgrind]", "http": " http",
-                "http-callgrind": " http [callgrind]", "idle": " idle"}[self.kind]
+                "http-callgrind": " http [callgrind]", "idle": " idle", "tls": "",
+                "tls-callgrind": " [callgrind]"}[self.kind]
         return f"{self.server.key}{' ' + self.workload.key if self.workload else ''}{what}"
 
 
@@ -175,6 +190,9 @@ def plan(servers: list[Server], loads: list[Workload], grind: list[Workload], ar
          skip: set) -> list[Phase]:
     echo = [s for s in servers if s.kind == "echo"]
     http = [s for s in servers if s.kind == "http"]
+    tls = [s for s in servers if s.kind == "tls"]
+    plain_loads = [w for w in loads if not w.key.startswith("tls-")]
+    tls_loads = [w for w in loads if w.key.startswith("tls-")]
 
     def start_s(server: Server, valgrind: bool) -> float:
         python = server.argv[0] == sys.executable
@@ -182,18 +200,25 @@ def plan(servers: list[Server], loads: list[Workload], grind: list[Workload], ar
 
     phases = []
     for r in range(args.rounds):
-        for w in loads:
+        for w in plain_loads:
             for s in echo:
                 phases.append(Phase("load", r, s, w, start_s(s, False) + w.connections / 400
                                     + args.warmup + args.duration + 0.4))
+        for w in tls_loads:
+            for s in tls:
+                phases.append(Phase("tls", r, s, w, start_s(s, False) + 1.1 * args.duration
+                                    + 1.0))
         for s in http:
             phases.append(Phase("http", r, s, None, start_s(s, False) + 1.0 + 0.4
                                 + wrk_seconds(args.warmup) + wrk_seconds(args.duration)))
         if "callgrind" not in skip:
             for w in grind:
-                for s in echo:
-                    phases.append(Phase("callgrind", r, s, w, start_s(s, True) + 1.5
-                                        + args.callgrind_warmup + args.callgrind_duration))
+                for s in (tls if w.key.startswith("tls-") else echo):
+                    kind = "tls-callgrind" if s.kind == "tls" else "callgrind"
+                    seconds = (TLS_CALLGRIND_REQUESTS[w.key] / (40000 if args.quick else 2000)
+                               if s.kind == "tls" else
+                               args.callgrind_warmup + args.callgrind_duration)
+                    phases.append(Phase(kind, r, s, w, start_s(s, True) + 1.5 + seconds))
             for s in http:
                 phases.append(Phase("http-callgrind", r, s, None, start_s(s, True) + 2.0
                                     + wrk_seconds(args.callgrind_warmup)
@@ -227,7 +252,7 @@ def describe(phase: Phase, run: dict) -> str:
     if phase.kind == "gil":
         return f"{run['requests_per_second']:,.0f} req/s"
     s = run["cost"]
-    if phase.kind in ("callgrind", "http-callgrind"):
+    if phase.kind in ("callgrind", "http-callgrind", "tls-callgrind"):
         return (f"{_fmt(s['instructions_per_request'])} instructions/req "
                 f"(under valgrind: {run['requests']:,} requests, "
                 f"{run['requests_per_second']:,.0f} req/s)")
@@ -245,6 +270,7 @@ class Runner:
         self.where = cpus()
         self.load_runs: list = []
         self.http_runs: list = []
+        self.tls_runs: list = []
         self.idle_runs: list = []
         self.gil_runs: list = []
         self.done = 0
@@ -272,6 +298,16 @@ class Runner:
                             Window("callgrind" if grind else "native", self.have, self.workdir))
             self.http_runs.append({"round": phase.round, "server": phase.server.key,
                                    "pass": "callgrind" if grind else "native", **run})
+        elif phase.kind in ("tls", "tls-callgrind"):
+            grind = phase.kind == "tls-callgrind"
+            requests = (TLS_CALLGRIND_REQUESTS[phase.workload.key] // (20 if a.quick else 1)
+                        if grind else int(TLS_REQUESTS_PER_SECOND * a.duration))
+            run = tls_load(phase.server.argv, phase.workload, requests, self.where, self.log,
+                           Window("callgrind" if grind else "native", self.have, self.workdir,
+                                  openssl=grind))
+            self.tls_runs.append({"round": phase.round, "workload": phase.workload.key,
+                                  "server": phase.server.key,
+                                  "pass": "callgrind" if grind else "native", **run})
         elif phase.kind == "idle":
             try:
                 run = idle_memory(phase.server.argv, *a.idle, self.where.server, self.log)
@@ -287,7 +323,7 @@ class Runner:
 
     def results(self, planned: int) -> dict:
         a = self.args
-        keys = [w.key for w in self.loads]
+        keys = [w.key for w in self.loads if not w.key.startswith("tls-")]
         out = {
             "command": " ".join(["python", "bench/run.py", *sys.argv[1:]]),
             "quick": a.quick,
@@ -307,16 +343,22 @@ class Runner:
             "instruments": self.have,
             "servers": {s.key: s.label for s in self.servers if s.kind == "echo"},
             "http_servers": {s.key: s.label for s in self.servers if s.kind == "http"},
+            "tls_servers": {s.key: s.label for s in self.servers if s.kind == "tls"},
             "missing": self.missing,
             "unavailable": self.unavailable,
             "workloads": {w.key: {"label": w.label, "connections": w.connections, "size": w.size,
-                                  "pipeline": w.pipeline} for w in self.loads},
+                                  "pipeline": w.pipeline} for w in self.loads
+                          if not w.key.startswith("tls-")},
+            "tls_workloads": {w.key: {"label": w.label, "connections": w.connections,
+                                      "size": w.size} for w in self.loads
+                              if w.key.startswith("tls-")},
             "load": summary.summarize(self.load_runs, "workload"),
             "http": summary.summarize(self.http_runs, "workload").get("http", {}),
-            "ratios": summary.ratios(self.load_runs, self.http_runs, keys),
+            "tls": summary.summarize(self.tls_runs, "workload"),
+            "ratios": summary.ratios(self.load_runs, self.http_runs, keys, self.tls_runs),
             "idle_memory": summary.summarize_idle(self.idle_runs, [s.key for s in self.servers]),
             "gil": summary.summarize_gil(self.gil_runs),
-            "runs": {"load": self.load_runs, "http": self.http_runs,
+            "runs": {"load": self.load_runs, "http": self.http_runs, "tls": self.tls_runs,
                      "idle_memory": self.idle_runs, "gil": self.gil_runs},
         }
         out["targets"] = summary.targets(out)
@@ -424,7 +466,7 @@ def main() -> int:
             parser.error(f"--only: no server {', '.join(sorted(unknown))} (see --list)")
         servers = [s for s in servers if s.key in only]
         missing = {k: why for k, why in missing.items() if k in only}
-    every = workloads(args.quick)
+    every = workloads(args.quick) + tls_workloads()
     wanted = _keys(args.workloads) or [w.key for w in every]
     grind_wanted = _keys(args.callgrind_workloads) or []
     bad = (set(wanted) | set(grind_wanted)) - {w.key for w in every}
@@ -471,7 +513,8 @@ def main() -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGINT, on_sigint)
-    lists = (runner.load_runs, runner.http_runs, runner.idle_runs, runner.gil_runs)
+    lists = (runner.load_runs, runner.http_runs, runner.tls_runs, runner.idle_runs,
+             runner.gil_runs)
     try:
         for i, phase in enumerate(phases):
             lengths = [len(runs) for runs in lists]

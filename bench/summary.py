@@ -59,6 +59,11 @@ def summarize(runs: list[dict], group: str) -> dict:
                  for name, path in NATIVE_PATHS.items()}
             m["instructions"] = median_of([_get(r, ("cost", "instructions_per_request"))
                                            for r in grind])
+            m["openssl_instructions"] = median_of([
+                _get(r, ("cost", "openssl_instructions_per_request")) for r in grind])
+            m["instructions_per_openssl"] = median_of([
+                _get(r, ("cost", "instructions_per_request")) / openssl for r in grind
+                if (openssl := _get(r, ("cost", "openssl_instructions_per_request")))])
             m["callgrind_requests"] = median_of([r.get("requests") for r in grind])
             m["errors"] = sum(r.get("errors", 0) for r in native + grind)
             m["rounds"] = len(native)
@@ -95,13 +100,25 @@ PAIRS = [
 ]
 HTTP_PAIRS = [("uvicorn_loop_vs_uvloop", "uvicorn: kqfast loop ÷ uvloop", "uvicorn-kqfast-loop",
                "uvicorn-uvloop")]
+TLS_PAIRS = [
+    ("tls_loop_vs_uvloop", "kqfast loop ÷ uvloop, over TLS", "kqfast-loop-tls", "uvloop-tls"),
+    ("tls_loop_vs_aiofastnet_uvloop", "kqfast loop ÷ aiofastnet on uvloop, over TLS",
+     "kqfast-loop-tls", "aiofastnet-uvloop-tls"),
+    ("tls_loop_vs_asyncio", "kqfast loop ÷ asyncio, over TLS", "kqfast-loop-tls", "asyncio-tls"),
+    ("tls_native_vs_loop", "kqfast ECHO ÷ kqfast loop, over TLS", "kqfast-echo-tls",
+     "kqfast-loop-tls"),
+]
+TLS_WORKLOADS = ("tls-pingpong", "tls-1k", "tls-latency")
 
 
-def ratios(load_runs: list[dict], http_runs: list[dict], workloads: list[str]) -> dict:
+def ratios(load_runs: list[dict], http_runs: list[dict], workloads: list[str],
+           tls_runs: list[dict] = ()) -> dict:
     out = {w: {key: {fig: per_round_ratio(load_runs, a, b, fig, w) for fig in FIGURES}
                for key, _, a, b in PAIRS} for w in workloads}
     out["http"] = {key: {fig: per_round_ratio(http_runs, a, b, fig) for fig in FIGURES}
                    for key, _, a, b in HTTP_PAIRS}
+    out.update({w: {key: {fig: per_round_ratio(list(tls_runs), a, b, fig, w) for fig in FIGURES}
+                    for key, _, a, b in TLS_PAIRS} for w in TLS_WORKLOADS})
     return out
 
 
@@ -184,6 +201,23 @@ def targets(results: dict) -> list[dict]:
                r["http"]["uvicorn_loop_vs_uvloop"]["cpu_ns"], "≤", 0.85, "ratio",
                ("uvicorn-kqfast-loop", "uvicorn-uvloop")),
     ]
+    tw = results.get("tls_workloads", {})
+    tls_h = "tls-pingpong"
+    why_tls = None if tls_h in tw else f"workload {tls_h} not run"
+    native_tls = results.get("tls", {}).get(tls_h, {}).get("kqfast-echo-tls") or {}
+    checks += [
+        _check("kqfast loop TLS echo instructions/request ÷ uvloop's (TLS 16 B ping-pong, "
+               "50 connections)", r.get(tls_h, {}).get("tls_loop_vs_uvloop", {}).get(
+                   "instructions"), "≤", 0.5, "ratio", ("kqfast-loop-tls", "uvloop-tls"),
+               why_tls),
+        _check("kqfast loop TLS echo server CPU/request ÷ aiofastnet on uvloop's (TLS 16 B "
+               "ping-pong, 50 connections)", r.get(tls_h, {}).get(
+                   "tls_loop_vs_aiofastnet_uvloop", {}).get("cpu_ns"), "<", 1.0, "ratio",
+               ("kqfast-loop-tls", "aiofastnet-uvloop-tls"), why_tls),
+        _check("kqfast ECHO over TLS: instructions/request ÷ OpenSSL's own share of them "
+               "(TLS 16 B ping-pong, 50 connections)", native_tls.get("instructions_per_openssl"),
+               "≤", 1.3, "ratio", ("kqfast-echo-tls",), why_tls),
+    ]
     idle = results["idle_memory"]
     high = results["config"]["idle_connections"][1]
     for key, name, limit in (("kqfast-echo", "kqfast ECHO", 64),
@@ -240,7 +274,8 @@ def _why_not(results: dict, needs, instrument: str | None) -> str | None:
         missing = results.get("unavailable") or results["missing"]
         if key in missing:
             return f"missing: {key}: {missing[key]}"
-        if key not in results["servers"] and key not in results.get("http_servers", ()):
+        if key not in results["servers"] and key not in results.get("http_servers", ()) \
+                and key not in results.get("tls_servers", ()):
             return f"not measured: {key} not in this run"
     if instrument is not None:
         why = results["instruments"].get(instrument)

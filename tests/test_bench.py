@@ -104,7 +104,7 @@ def test_bench_reports_a_refused_connection_in_one_line():
 # The runner on a very short run of a small field: its output's shape, never a timing or a
 # ratio.  uvloop is made unimportable, so the runner must name it as missing; kqfast's asyncio
 # loop is asked for too, and is either measured or named as missing with the reason.
-RUNNER_SERVERS = "kqfast-echo,c,uvloop,kqfast-loop"
+RUNNER_SERVERS = "kqfast-echo,c,uvloop,kqfast-loop,kqfast-echo-tls,kqfast-loop-tls"
 
 
 def hide(tmp_path: Path, *names: str) -> dict:
@@ -121,7 +121,8 @@ def quick_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bench")
     out = tmp / "results"
     done = subprocess.run([sys.executable, str(BENCH / "run.py"), "--quick", "--only",
-                           RUNNER_SERVERS, "--workloads", "pingpong", "--out", str(out)],
+                           RUNNER_SERVERS, "--workloads", "pingpong,tls-pingpong", "--out",
+                           str(out)],
                           capture_output=True, text=True, timeout=300, env=hide(tmp, "uvloop"))
     assert done.returncode == 0, done.stderr[-3000:]
     return out, json.loads((out / "results.json").read_text()), done.stderr
@@ -151,6 +152,13 @@ def test_runner_quick_run_writes_results_and_names_what_is_missing(quick_run):
                 assert m[figure] is None and "not available" in (out / "results.md").read_text()
         assert results["idle_memory"][key]["bytes_per_connection"] is not None
     assert results["gil"] and all(r["rps_none"] for r in results["gil"])
+    # TLS echo under redis-benchmark --tls, natively and on the loop; OpenSSL's share too.
+    assert set(results["tls_workloads"]) == {"tls-pingpong"}
+    for key in ("kqfast-echo-tls", "kqfast-loop-tls"):
+        m = results["tls"]["tls-pingpong"][key]
+        assert m["rounds"] == 1 and m["requests_per_second"] > 0 and m["cpu_ns"] > 0, key
+        if results["instruments"]["callgrind"] is None:
+            assert 0 < m["openssl_instructions"] < m["instructions"], key
     # Every run as measured, and the progress lines with an estimate.
     assert {r["pass"] for r in results["runs"]["load"]} <= {"native", "callgrind"}
     assert "[1/" in stderr and "(eta " in stderr
