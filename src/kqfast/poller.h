@@ -47,6 +47,11 @@ static inline kq_event kq_poller_event(const kq_poller *p, int i);
 int kq_poller_wait(kq_poller *p, kq_event *out, int cap, int timeout_ms);
 /* Wakes a wait from any thread; wake-ups that arrive before the wait returns coalesce. */
 int kq_poller_wake(kq_poller *p);
+/* The poller's one timer: it ends a wait (with an event that is not the caller's) once
+ * CLOCK_MONOTONIC reaches deadline (seconds, as kq_monotonic() reads them), so a loop with a
+ * deadline can wait without a timeout of its own.  Each call replaces the last; INFINITY
+ * disarms it; it fires once.  The loop's thread only.  Returns 0, or -1 with errno set. */
+int kq_poller_set_timer(kq_poller *p, double deadline);
 void kq_poller_free(kq_poller *p);
 /* In a forked child: the poller lets go of the kernel state it shares with the parent (an
  * epoll instance is shared; a kqueue is not inherited at all), so that nothing the child
