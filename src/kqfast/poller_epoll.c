@@ -128,12 +128,7 @@ static inline int kq_poller_poll(kq_poller *p, int cap, int timeout_ms) {
     int refused = p->nchanges ? apply_changes(p, cap) : 0;
     if (refused) return refused;
     /* Not libc's epoll_wait (see rawsys.h); with no sigmask, epoll_pwait is epoll_wait. */
-    int n = (int)kq_sys6(SYS_epoll_pwait, p->epfd, (long)p->events, cap, timeout_ms, 0, 8);
-    /* A wake() that found the flag set skipped its write: the one that set it wrote (or is
-     * about to write) an edge that ends this wait or the next, and the loop checks for work
-     * after every wait.  So the flag may be cleared whether or not that edge came in. */
-    if (__atomic_load_n(&p->woken, __ATOMIC_RELAXED)) __atomic_store_n(&p->woken, 0, __ATOMIC_SEQ_CST);
-    return n;
+    return (int)kq_sys6(SYS_epoll_pwait, p->epfd, (long)p->events, cap, timeout_ms, 0, 8);
 }
 
 /* Everything but plain readability, decoded out of line: the hot path stays small. */
@@ -162,6 +157,15 @@ int kq_poller_wake(kq_poller *p) {
     if (__atomic_exchange_n(&p->woken, 1, __ATOMIC_ACQ_REL)) return 0;
     uint64_t one = 1;
     return write(p->wakefd, &one, sizeof(one)) < 0 && errno != EAGAIN ? -1 : 0;
+}
+
+void kq_poller_wake_seen(kq_poller *p) {
+    /* A wake() that finds the flag set skips its write: the one that set it wrote (or is
+     * about to write) an edge, which the loop sees (now, or in a later wait), and it looks
+     * for work after that.  So the flag may be cleared at any event that is not the
+     * loop's, the edge's or another's; the exchange pairs with wake()'s, so the work of a
+     * wake() that skipped is visible to the look that follows. */
+    __atomic_exchange_n(&p->woken, 0, __ATOMIC_ACQ_REL);
 }
 
 int kq_poller_set_timer(kq_poller *p, double deadline) {

@@ -208,13 +208,7 @@ static inline int kq_poller_poll(kq_poller *p, int cap, int timeout_ms) {
     }
     p->nchanges = 0;
     if (n == 0 && bounded) return timer_fired(p);
-    n += kept;
-    /* EV_CLEAR consumes a trigger when it is reported.  A wake() that found the flag set
-     * skipped its trigger: the one that set it triggered (or is about to) and ends this
-     * wait or the next, and the loop checks for work after every wait; so the flag may be
-     * cleared whether or not the trigger came in. */
-    if (__atomic_load_n(&p->woken, __ATOMIC_RELAXED)) __atomic_store_n(&p->woken, 0, __ATOMIC_SEQ_CST);
-    return n;
+    return n + kept;
 }
 
 /* Everything but plain readiness, decoded out of line: the hot path stays small. */
@@ -255,6 +249,15 @@ int kq_poller_wake(kq_poller *p) {
     struct kevent trigger;
     EV_SET(&trigger, WAKE_IDENT, EVFILT_USER, 0, NOTE_TRIGGER, 0, NULL);
     return kevent(p->kq, &trigger, 1, NULL, 0, NULL) < 0 ? -1 : 0;
+}
+
+void kq_poller_wake_seen(kq_poller *p) {
+    /* EV_CLEAR consumes a trigger when it is reported.  A wake() that finds the flag set
+     * skips its trigger: the one that set it triggered (or is about to), which the loop
+     * sees (now, or in a later wait), and it looks for work after that.  So the flag may be
+     * cleared at any event that is not the loop's; the exchange pairs with wake()'s, so the
+     * work of a wake() that skipped is visible to the look that follows. */
+    __atomic_exchange_n(&p->woken, 0, __ATOMIC_ACQ_REL);
 }
 
 int kq_poller_set_timer(kq_poller *p, double deadline) {

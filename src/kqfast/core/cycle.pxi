@@ -15,7 +15,7 @@ cdef void run_native(LoopCore *L) noexcept nogil:
     cdef int n
     # Python has run since the last wake, for as long as it liked: L.now may be more than a
     # tick behind, so the next wake reads the clock (and ticks start again).
-    L.ticking = 0
+    L.ticking = L.clock_stale = 0
     while True:
         if kq_load(&L.stop_requested) and not L.stopping:
             begin_stop(L)
@@ -52,17 +52,15 @@ cdef int serve_wakes(LoopCore *L, int timeout_ms, bint while_plain) noexcept nog
     cdef int n
     while True:
         n = kq_poller_poll(L.poller, EVENT_CAP, timeout_ms)
-        if L.ticking:
-            L.clock_stale = 1
-        else:
+        if not L.ticking:
             set_clock(L)
+            if while_plain:
+                start_ticking(L)
         if n < 0:
-            refresh_clock(L)
+            read_clock_for_wake(L)
             return -1
         if not (handle_events(L, n) and while_plain):
             return n
-        if not L.ticking:
-            start_ticking(L)
 
 
 cdef inline bint handle_events(LoopCore *L, int n) noexcept nogil:
@@ -76,58 +74,59 @@ cdef inline bint handle_events(LoopCore *L, int n) noexcept nogil:
     cdef int i
     for i in range(n):
         ev = kq_poller_event(p, i)
-        c = plain_native(L, ev)
-        if c is NULL:
+        c = plain_input(L, ev)
+        if c is NULL or c.flags & C_NOT_PLAIN:
             handle_others(L, i, n)
             return False
         read_native(L, c, ev.fd)
     return True
 
 
-cdef inline Conn *plain_native(LoopCore *L, kq_event ev) noexcept nogil:
-    """ev's entry when ev is a native stream's plain input (the hot path: tested first so
-    that the compiler can merge the test into the decoder's own), else NULL."""
+cdef inline Conn *plain_input(LoopCore *L, kq_event ev) noexcept nogil:
+    """The entry of the stream when ev is its plain input (the hot path: tested first so
+    that the compiler can merge the test into the decoder's own), else NULL.  In its
+    ordinary state (no C_NOT_PLAIN flag) a native stream reads at once; so does a Python
+    one with C_PY alone, for the Python pass."""
     cdef Conn *c
     if ev.mask == KQ_READABLE and ev.err == 0 and <unsigned int>ev.fd < <unsigned int>L.nconns:
         c = &L.conns[<unsigned int>ev.fd]
-        if c.kind == K_STREAM and not (c.flags & C_NOT_PLAIN):
+        if c.kind == K_STREAM:
             return c
     return NULL
 
 
-cdef void handle_others(LoopCore *L, int first, int n) noexcept nogil:
-    """Events first to n-1 of a batch that is not all plain input, the first of them not,
-    then the batch's end; the clock is read first."""
+cdef void handle_others(LoopCore *L, int i, int n) noexcept nogil:
+    """Events i to n-1 of a batch that is not all native plain input, event i the first
+    that is not, then the batch's end; the clock is read first."""
     cdef kq_poller *p = L.poller
-    cdef kq_event ev
-    cdef Conn *c
-    cdef int i
-    refresh_clock(L)
-    for i in range(first, n):
-        ev = kq_poller_event(p, i)
-        c = plain_native(L, ev)
-        if c is not NULL:
+    cdef kq_event ev = kq_poller_event(p, i)
+    cdef Conn *c = plain_input(L, ev)
+    read_clock_for_wake(L)
+    while True:
+        if c is NULL:
+            handle_event(L, ev)
+        elif not (c.flags & C_NOT_PLAIN):
             read_native(L, c, ev.fd)
+        elif c.flags & C_NOT_PLAIN == C_PY:
+            read_for_python(L, ev.fd)
         else:
-            on_other_event(L, ev)
+            handle_event(L, ev)
+        i += 1
+        if i == n:
+            break
+        ev = kq_poller_event(p, i)
+        c = plain_input(L, ev)
     end_batch(L)
-
-
-cdef void on_other_event(LoopCore *L, kq_event ev) noexcept nogil:
-    """Any event but a native stream's plain input.  A Python stream's plain input (an
-    asyncio loop's hot path) reads for the Python pass at once; the rest goes by its
-    entry's kind."""
-    if (ev.mask == KQ_READABLE and ev.err == 0 and <unsigned int>ev.fd < <unsigned int>L.nconns
-            and L.conns[ev.fd].kind == K_STREAM and L.conns[ev.fd].flags & C_NOT_PLAIN == C_PY):
-        read_for_python(L, ev.fd)
-    else:
-        handle_event(L, ev)
+    L.clock_stale = L.ticking  # (the next wake's own)
 
 
 cdef void handle_event(LoopCore *L, kq_event ev) noexcept nogil:
     """Routes one event by its table entry's kind."""
-    # One unsigned comparison drops the poller's own entries (fd -1) and fds off the table.
+    # One unsigned comparison drops the poller's own entries (fd -1: a wake-up, its timer)
+    # and fds off the table.
     if <unsigned int>ev.fd >= <unsigned int>L.nconns:
+        if ev.fd < 0:
+            kq_poller_wake_seen(L.poller)  # before run_native looks for the work
         return
     if L.conns[ev.fd].kind == K_STREAM:
         on_stream_event(L, ev.fd, ev.mask, ev.err)
@@ -177,14 +176,15 @@ cdef void on_entry_event(LoopCore *L, kq_event ev) noexcept nogil:
         L.signal_pending = 1
 
 
-cdef void end_batch(LoopCore *L) noexcept nogil:
+cdef inline void end_batch(LoopCore *L) noexcept nogil:
     """After a batch that was not all plain input (only other events bring sources, and
     the poller's timer firing is one)."""
     # Accept after the batch: a fd closed above may come back at once as a new client, and
     # the batch's stale events for the old one must not reach it.
     if L.nsources:
         serve_sources(L)
-    keep_time(L)
+    if L.now >= L.timer_at or L.now >= L.next_expiry:
+        time_is_up(L)
 
 
 cdef void end_all(LoopCore *L) noexcept nogil:
@@ -211,8 +211,8 @@ cdef void begin_stop(LoopCore *L) noexcept nogil:
     L.stopping = 1
     if L.stop_deadline < L.next_expiry:
         L.next_expiry = L.stop_deadline  # the wait must end by then
+    read_clock_for_wake(L)
     stop_ticking(L)  # (which sets the timer)
-    refresh_clock(L)
     close_sources(L)
     for fd in range(L.top):
         if L.conns[fd].kind == K_STREAM and not (L.conns[fd].flags & C_CLOSING):

@@ -142,8 +142,9 @@ ctypedef struct LoopCore:
     # Where the poller's timer is set (INFINITY: nowhere, or it has fired).
     double timer_at
     # A native server's steady state (timers.pxi): ticking, L.now may be up to a tick
-    # behind (clock_stale: this wake has not read the clock); the tick (the idle granule;
-    # INFINITY without an idle timeout), the next one, and bytes_in at the last one.
+    # behind (clock_stale: ticking, and the current wake has not read the clock); the tick
+    # (the idle granule; INFINITY without an idle timeout), the next one, and bytes_in at
+    # the last one.
     int ticking, clock_stale
     double tick, tick_at
     uint64_t tick_input

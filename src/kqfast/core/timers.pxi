@@ -73,30 +73,40 @@ cdef void set_timer(LoopCore *L) noexcept nogil:
 cdef void start_ticking(LoopCore *L) noexcept nogil:
     """A native server's steady state stops reading the clock on wakes of plain input; the
     clock was just read."""
-    L.ticking = 1
+    L.ticking = L.clock_stale = 1
     L.tick_input = L.bytes_in
     L.tick_at = L.now + L.tick
     set_timer(L)
 
 
 cdef void stop_ticking(LoopCore *L) noexcept nogil:
-    L.ticking = 0
+    L.ticking = L.clock_stale = 0
     set_timer(L)
 
 
-cdef inline void refresh_clock(LoopCore *L) noexcept nogil:
-    """Reads the clock if this wake did not: before a stamp, a deadline, anything but a
-    plain read's judging of activity.  At most once a wake, so that L.now holds still
-    for the rest of it (see expire_timers)."""
+cdef inline void read_clock_for_wake(LoopCore *L) noexcept nogil:
+    """A wake that is not all plain input reads the clock (if ticking has let it fall
+    behind) before its first other event, once: L.now then holds still for the rest of it
+    (see expire_timers), until the next wake's (handle_others)."""
     if L.clock_stale:
         L.clock_stale = 0
         set_clock(L)
 
 
-cdef void keep_time(LoopCore *L) noexcept nogil:
+cdef inline void read_clock_to_stamp(LoopCore *L) noexcept nogil:
+    """A stamp is taken on the clock, not one a tick behind, except in a wake that read it
+    already: as many reads as stamps in a wake of plain input (one per connection and tick
+    at most)."""
+    if L.clock_stale:
+        set_clock(L)
+
+
+cdef void time_is_up(LoopCore *L) noexcept nogil:
     """The end of a batch that was not all plain input (the poller's timer firing is such
-    an event), the clock read: the deadlines due expire, ticks go on while input comes, and
-    the poller's timer is set for what is next."""
+    an event), the clock read, once the timer's time or the nearest deadline has come (a
+    tick is never before the timer's time): the deadlines due expire, ticks go on while
+    input comes, and the timer is set for what is next.  (Any earlier change of either is
+    set on the timer as it is made.)"""
     if L.now >= L.timer_at:
         L.timer_at = INFINITY  # it has fired
     if L.now >= L.next_expiry:
@@ -136,7 +146,7 @@ cdef void timer_push(LoopCore *L, int fd, int which) noexcept nogil:
     if which == T_NONE or (which == T_IDLE and L.timers[T_IDLE].timeout <= 0):
         c.active = INFINITY  # on no list: never expires, and activity never moves it
         return
-    refresh_clock(L)
+    read_clock_to_stamp(L)
     c.active = L.now
     c.timer = which
     c.prev, c.next = t.tail, -1
