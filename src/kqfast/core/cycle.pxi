@@ -99,23 +99,19 @@ cdef void handle_others(LoopCore *L, int i, int n) noexcept nogil:
     """Events i to n-1 of a batch that is not all native plain input, event i the first
     that is not, then the batch's end; the clock is read first."""
     cdef kq_poller *p = L.poller
-    cdef kq_event ev = kq_poller_event(p, i)
-    cdef Conn *c = plain_input(L, ev)
+    cdef kq_event ev
+    cdef Conn *c
     read_clock_for_wake(L)
-    while True:
-        if c is NULL:
-            handle_event(L, ev)
-        elif not (c.flags & C_NOT_PLAIN):
-            read_native(L, c, ev.fd)
-        elif c.flags & C_NOT_PLAIN == C_PY:
-            read_for_python(L, ev.fd)
-        else:
-            handle_event(L, ev)
-        i += 1
-        if i == n:
-            break
+    for i in range(i, n):
         ev = kq_poller_event(p, i)
         c = plain_input(L, ev)
+        if c is not NULL and not (c.flags & C_NOT_PLAIN):
+            read_native(L, c, ev.fd)
+        elif c is not NULL and c.flags & C_NOT_PLAIN == C_PY:
+            read_for_python(L, ev.fd)
+        else:
+            # Decoded again: the common cases above then keep no copy of the event.
+            handle_event(L, kq_poller_event(p, i))
     end_batch(L)
     L.clock_stale = L.ticking  # (the next wake's own)
 
