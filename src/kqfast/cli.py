@@ -180,7 +180,7 @@ def _warn_of_rejections(server: Server, limit: int) -> threading.Event:
     def watch() -> None:
         reported, last_line = 0, -float("inf")
         while not done.wait(REJECTION_CHECK):
-            rejected = server.stats()["connections_rejected"]
+            rejected = server._rejected()
             now = time.monotonic()
             if rejected > reported and now - last_line >= REJECTION_REPORT:
                 new = rejected - reported

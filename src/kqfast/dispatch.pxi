@@ -4,6 +4,11 @@
 # SystemExit propagate out of the loop as in asyncio; the records after them wait for the
 # next iteration.
 
+cdef extern from "Python.h":
+    # Taking the context as it is: a handle's, which the handle (held) keeps alive.
+    int enter_context "PyContext_Enter"(PyObject *context) except -1
+    int exit_context "PyContext_Exit"(PyObject *context) except -1
+
 
 cdef int dispatch(Reactor R) except -1:
     cdef LoopCore *L = &R.core
@@ -21,16 +26,15 @@ cdef int dispatch(Reactor R) except -1:
             continue
         if c.transport is NULL:
             continue
-        h = <StreamHandle>c.transport
-        context = h.context
-        PyContext_Enter(context)
+        h = <StreamHandle>c.transport  # (held: a callback may drop the table's reference)
+        enter_context(<PyObject *>h.context)  # (h's for its whole life)
         try:
             if r.kind == R_DATA:  # the common record first, c at hand
                 h.deliver(c, L.arena + r.off, r.length)
             else:
                 handle_record(L, r, h)
         finally:
-            PyContext_Exit(context)
+            exit_context(<PyObject *>h.context)
     L.nrecords = L.next_record = 0
     L.arena_used = 0
 

@@ -23,32 +23,9 @@ cdef int _LOG_THRESHOLD_FOR_CONNLOST_WRITES = 5
 _aio_log = _logging.getLogger("asyncio")
 
 
-cdef object _protocol_method(protocol, str name):
-    """protocol's method name as a function of two arguments (protocol, data): the class's
-    own, so no bound method is kept per stream; a method set on the instance is bound."""
-    bound = getattr(protocol, name, None)
-    function = getattr(type(protocol), name, None)
-    if getattr(bound, "__func__", None) is function and function is not None:
-        return function
-    return lambda _, data: bound(data)
-
-
 cdef size_t _whole_bytes(mark) except? 0:
     """A water mark (any non-negative number, inf included) as a whole byte count."""
     return int(min(mark, 1 << 62))
-
-
-cdef extern from *:
-    """
-    /* f(a, b) through f's vectorcall slot, which every Python function has: the Python
-       pass's data_received call, without the checks of a generic call. */
-    static CYTHON_INLINE PyObject *kq_call2(PyObject *f, PyObject *a, PyObject *b) {
-        PyObject *args[2] = {a, b};
-        vectorcallfunc call = PyVectorcall_Function(f);
-        return call ? call(f, args, 2, NULL) : PyObject_CallFunctionObjArgs(f, a, b, NULL);
-    }
-    """
-    object call2 "kq_call2"(object f, object a, object b)
 
 
 cdef object _errno_exception(int err):
@@ -105,12 +82,12 @@ cdef class StreamHandle:
         loop's nogil pass over the same buffers.  And to its loop's process: in a forked
         child its socket and poller are the parent's too.  (The running thread's state is
         compared first: one load, where its id is a call.)"""
-        cdef Reactor R = self.reactor
-        if R.core.inherited:
-            R.check_process()
-        if R.thread_id == 0 or <void *>current_thread_state() == R.thread_state:
+        if self.reactor.core.inherited:
+            self.reactor.check_process()
+        if (self.reactor.thread_id == 0 or
+                <void *>current_thread_state() == self.reactor.thread_state):
             return 0
-        if R.thread_id != PyThread_get_thread_ident():
+        if self.reactor.thread_id != PyThread_get_thread_ident():
             raise RuntimeError("a kqfast transport was used from a thread other than its "
                                "loop's: use loop.call_soon_threadsafe()")
         return 0
@@ -151,35 +128,53 @@ cdef class StreamHandle:
             PyBuffer_Release(&view)
         return 0
 
-    cdef int write_bytes(self, const char *data, Py_ssize_t n) except -1:
+    cdef inline int write_bytes(self, const char *data, Py_ssize_t n) except -1:
         """asyncio's write(): send at once what the socket takes, queue the rest, pause the
-        protocol over the high-water mark."""
+        protocol over the high-water mark.  Inline, its common case only (all of it sent):
+        every protocol write comes here."""
         cdef Conn *c
-        cdef ssize_t sent = 0
-        cdef size_t size
+        cdef ssize_t sent
         self.check_thread()
+        c = self.conn()
+        if self.eof_written or n == 0 or c is NULL or c.flags & C_LOST or c.out is not NULL:
+            return self.write_later(c, data, n)
+        sent = kq_send(self.fd, data, n)
+        if sent != n:
+            return self.write_rest(c, data, n, sent)
+        self.reactor.core.bytes_out += n
+        touch_conn(&self.reactor.core, c, self.fd)
+        return 0
+
+    cdef int write_later(self, Conn *c, const char *data, Py_ssize_t n) except -1:
+        """write_bytes when it sends nothing now, in asyncio's order: after write_eof(),
+        nothing to write, a lost stream, output queued already (c: self.conn())."""
         if self.eof_written:
             raise RuntimeError("Cannot call write() after write_eof()")
         if n == 0:
             return 0
-        c = self.conn()
         if c is NULL or c.flags & C_LOST:
             self.lost_writes += 1
             if self.lost_writes > _LOG_THRESHOLD_FOR_CONNLOST_WRITES:
                 _aio_log.warning("socket.send() raised exception.")
             return 0
-        if c.out is NULL:
-            sent = kq_send(self.fd, data, n)
-            if sent < 0:
-                if not kq_retry_later(errno):
-                    self.force_close(_errno_exception(errno), False)
-                    return 0
-                sent = 0
-            self.reactor.core.bytes_out += sent
-            touch(&self.reactor.core, self.fd)
-            if sent == n:
+        return self.buffer_output(c, data, n)
+
+    cdef int write_rest(self, Conn *c, const char *data, Py_ssize_t n,
+                        ssize_t sent) except -1:
+        """write_bytes when the socket took less than all of it (sent: what send() gave)."""
+        if sent < 0:
+            if not kq_retry_later(errno):
+                self.force_close(_errno_exception(errno), False)
                 return 0
-        c.out = buf_append(c.out, data + sent, n - sent)
+            sent = 0
+        self.reactor.core.bytes_out += sent
+        touch_conn(&self.reactor.core, c, self.fd)
+        return self.buffer_output(c, data + sent, n - sent)
+
+    cdef int buffer_output(self, Conn *c, const char *data, size_t n) except -1:
+        """What the socket did not take waits in c.out behind write interest."""
+        cdef size_t size
+        c.out = buf_append(c.out, data, n)
         if c.out is NULL or set_mask(&self.reactor.core, self.fd, c.mask | KQ_WRITABLE) < 0:
             self.force_close(_errno_exception(ENOMEM if c.out is NULL else errno), True)
             return 0
@@ -325,11 +320,20 @@ cdef class StreamHandle:
         stream's entry, self.conn() (inline: the Python pass calls this for every read)."""
         if c is NULL or self.closing:
             return 0
+        cdef PyObject *result
         if self.held is not None or c.flags & (C_READ_PAUSED | C_LINE | C_BUFFERED):
             self.deliver_framed(c, data, n)
             return 0
+        result = call_with_bytes(self.data_received, self.protocol, data, n)
+        if result is NULL:
+            return self.data_received_failed()
+        drop_reference(result)
+        return 0
+
+    cdef int data_received_failed(self) except -1:
+        """deliver's error path, apart: the hot path then keeps no exception state."""
         try:
-            call2(self.data_received, self.protocol, PyBytes_FromStringAndSize(data, n))
+            pending_error()
         except (SystemExit, KeyboardInterrupt):
             raise
         except BaseException as exc:

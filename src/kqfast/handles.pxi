@@ -89,11 +89,7 @@ def call_soon(self, callback, *args, context=None):
     cdef Reactor R = self._reactor
     if R.debug:
         return _BaseEventLoop.call_soon(self, callback, *args, context=context)
-    if R.closed:
-        raise RuntimeError("Event loop is closed")
-    handle = new_handle_for(callback, args, self, context)
-    R.ready_append(handle)
-    return handle
+    return schedule_soon(R, self, callback, args, context)
 
 
 def call_at(self, when, callback, *args, context=None):
@@ -101,15 +97,7 @@ def call_at(self, when, callback, *args, context=None):
     cdef Reactor R = self._reactor
     if R.debug:
         return _BaseEventLoop.call_at(self, when, callback, *args, context=context)
-    if when is None:
-        raise TypeError("when cannot be None")
-    if R.closed:
-        raise RuntimeError("Event loop is closed")
-    timer = new_handle_for(callback, args, self, context, _TimerHandle)
-    slot_set(timer, T_WHEN, when)
-    slot_set(timer, T_SCHEDULED, True)
-    heap_push(R.scheduled, timer)
-    return timer
+    return schedule_at(R, self, when, callback, args, context)
 
 
 def call_later(self, delay, callback, *args, context=None):
@@ -117,6 +105,26 @@ def call_later(self, delay, callback, *args, context=None):
     if delay is None:
         raise TypeError("delay must not be None")
     return call_at(self, kq_monotonic() + delay, callback, *args, context=context)
+
+
+cdef object schedule_soon(Reactor R, loop, callback, tuple args, context):
+    if R.closed:
+        raise RuntimeError("Event loop is closed")
+    handle = new_handle_for(callback, args, loop, context)
+    R.ready_append(handle)
+    return handle
+
+
+cdef object schedule_at(Reactor R, loop, when, callback, tuple args, context):
+    if when is None:
+        raise TypeError("when cannot be None")
+    if R.closed:
+        raise RuntimeError("Event loop is closed")
+    timer = new_handle_for(callback, args, loop, context, _TimerHandle)
+    slot_set(timer, T_WHEN, when)
+    slot_set(timer, T_SCHEDULED, True)
+    heap_push(R.scheduled, timer)
+    return timer
 
 
 def create_future(self):
@@ -135,6 +143,137 @@ def create_task(self, coro, **kwargs):
     if R.closed:
         raise RuntimeError("Event loop is closed")
     return _aio_tasks.Task(coro, loop=self, **kwargs)
+
+
+# The same as kqfast.Loop's methods: C methods (method descriptors, as the built-in types'
+# are), which Python calls without the generic path a Cython function's *args and keywords
+# take, several hundred instructions a call (asyncio calls call_soon for every future's
+# callback and task step; uvicorn call_later and create_task for every request).  Their
+# common shapes are taken here; any other goes to the functions above, which answer it as
+# asyncio does.
+
+cdef extern from *:
+    """
+    /* items[0:n] as a new tuple. */
+    static PyObject *kq_tuple_of(PyObject *const *items, Py_ssize_t n) {
+        PyObject *tuple = PyTuple_New(n);
+        if (tuple == NULL) return NULL;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            Py_INCREF(items[i]);
+            PyTuple_SET_ITEM(tuple, i, items[i]);
+        }
+        return tuple;
+    }
+    """
+    tuple tuple_of "kq_tuple_of"(PyObject **items, Py_ssize_t n)
+    Py_ssize_t tuple_size "PyTuple_GET_SIZE"(PyObject *tuple)
+    PyObject *tuple_item "PyTuple_GET_ITEM"(PyObject *tuple, Py_ssize_t i)
+
+cdef str _CONTEXT = "context"
+
+
+cdef inline bint context_alone(PyObject *kwnames):
+    """The keywords are context= or none (a keyword's name is interned as a rule)."""
+    cdef PyObject *name
+    if kwnames is NULL:
+        return True
+    if tuple_size(kwnames) != 1:
+        return False
+    name = tuple_item(kwnames, 0)
+    return name == <PyObject *>_CONTEXT or <object>name == _CONTEXT
+
+
+cdef object call_generally(function, object self, PyObject **args, Py_ssize_t nargs,
+                           PyObject *kwnames):
+    """function(self, *args, **keywords) for a call of any other shape."""
+    cdef tuple names = () if kwnames is NULL else <tuple>kwnames
+    keywords = {names[i]: <object>args[nargs + i] for i in range(len(names))}
+    return function(self, *tuple_of(args, nargs), **keywords)
+
+
+cdef object loop_call_soon(object self, PyObject **args, Py_ssize_t nargs, PyObject *kwnames):
+    cdef Reactor R
+    if nargs < 1 or not context_alone(kwnames):
+        return call_generally(call_soon, self, args, nargs, kwnames)
+    R = self._reactor
+    if R.debug:
+        return call_generally(call_soon, self, args, nargs, kwnames)
+    return schedule_soon(R, self, <object>args[0], tuple_of(args + 1, nargs - 1),
+                         None if kwnames is NULL else <object>args[nargs])
+
+
+cdef object loop_call_at(object self, PyObject **args, Py_ssize_t nargs, PyObject *kwnames):
+    cdef Reactor R
+    if nargs < 2 or not context_alone(kwnames):
+        return call_generally(call_at, self, args, nargs, kwnames)
+    R = self._reactor
+    if R.debug:
+        return call_generally(call_at, self, args, nargs, kwnames)
+    return schedule_at(R, self, <object>args[0], <object>args[1], tuple_of(args + 2, nargs - 2),
+                       None if kwnames is NULL else <object>args[nargs])
+
+
+cdef object loop_call_later(object self, PyObject **args, Py_ssize_t nargs, PyObject *kwnames):
+    cdef Reactor R
+    if nargs < 2 or not context_alone(kwnames) or args[0] == <PyObject *>None:
+        return call_generally(call_later, self, args, nargs, kwnames)
+    R = self._reactor
+    if R.debug:
+        return call_generally(call_later, self, args, nargs, kwnames)
+    return schedule_at(R, self, kq_monotonic() + <object>args[0], <object>args[1],
+                       tuple_of(args + 2, nargs - 2),
+                       None if kwnames is NULL else <object>args[nargs])
+
+
+cdef tuple _LOOP_KEYWORD = ("loop",)
+
+
+cdef extern from "Python.h":
+    PyObject *PyObject_Vectorcall(PyObject *f, PyObject **args, size_t nargs,
+                                  PyObject *kwnames) except NULL
+
+
+cdef object loop_create_task(object self, PyObject **args, Py_ssize_t nargs,
+                             PyObject *kwnames):
+    """create_task(coro), the coroutine alone: Task(coro, loop=self)."""
+    cdef Reactor R
+    cdef PyObject *call[2]
+    if nargs != 1 or kwnames is not NULL:
+        return call_generally(create_task, self, args, nargs, kwnames)
+    R = self._reactor
+    if R.debug or self._task_factory is not None or R.closed:
+        return call_generally(create_task, self, args, nargs, kwnames)
+    task_type = _aio_tasks.Task
+    call[0], call[1] = args[0], <PyObject *>self
+    task = <object>PyObject_Vectorcall(<PyObject *>task_type, call, 1, <PyObject *>_LOOP_KEYWORD)
+    Py_DECREF(task)  # the call's reference, now held by the variable
+    return task
+
+
+cdef PyMethodDef _CALL_SOON = PyMethodDef(
+    ml_name="call_soon", ml_meth=<PyCFunction>loop_call_soon,
+    ml_flags=METH_FASTCALL | METH_KEYWORDS,
+    ml_doc="call_soon($self, callback, *args, context=None)\n--\n\n"
+           "kqfast.Loop.call_soon: asyncio's, with the handle made in C.")
+cdef PyMethodDef _CALL_AT = PyMethodDef(
+    ml_name="call_at", ml_meth=<PyCFunction>loop_call_at, ml_flags=METH_FASTCALL | METH_KEYWORDS,
+    ml_doc="call_at($self, when, callback, *args, context=None)\n--\n\n"
+           "kqfast.Loop.call_at: asyncio's, with the TimerHandle made in C.")
+cdef PyMethodDef _CALL_LATER = PyMethodDef(
+    ml_name="call_later", ml_meth=<PyCFunction>loop_call_later,
+    ml_flags=METH_FASTCALL | METH_KEYWORDS,
+    ml_doc="call_later($self, delay, callback, *args, context=None)\n--\n\n"
+           "kqfast.Loop.call_later: call_at() on the loop's clock.")
+cdef PyMethodDef _CREATE_TASK = PyMethodDef(
+    ml_name="create_task", ml_meth=<PyCFunction>loop_create_task,
+    ml_flags=METH_FASTCALL | METH_KEYWORDS,
+    ml_doc="create_task($self, coro, **kwargs)\n--\n\n"
+           "kqfast.Loop.create_task: asyncio's; without a task factory, the Task is made here.")
+# Bound to asyncio's AbstractEventLoop, which kqfast.Loop (loop.py) derives from.
+_loop_call_soon = PyDescr_NewMethod(<PyTypeObject *>_asyncio.AbstractEventLoop, &_CALL_SOON)
+_loop_call_at = PyDescr_NewMethod(<PyTypeObject *>_asyncio.AbstractEventLoop, &_CALL_AT)
+_loop_call_later = PyDescr_NewMethod(<PyTypeObject *>_asyncio.AbstractEventLoop, &_CALL_LATER)
+_loop_create_task = PyDescr_NewMethod(<PyTypeObject *>_asyncio.AbstractEventLoop, &_CREATE_TASK)
 
 
 cdef run_handle(handle):

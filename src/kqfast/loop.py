@@ -73,11 +73,11 @@ class Loop(asyncio.SelectorEventLoop):
     _run_once = _core.run_once
     _timer_handle_cancelled = _core.timer_handle_cancelled
     if not TYPE_CHECKING:
-        call_soon = _core.call_soon
-        call_at = _core.call_at
-        call_later = _core.call_later
+        call_soon = _core._loop_call_soon
+        call_at = _core._loop_call_at
+        call_later = _core._loop_call_later
         create_future = _core.create_future
-        create_task = _core.create_task
+        create_task = _core._loop_create_task
 
     # The loop state asyncio's code reads and writes, kept in the Reactor, where the
     # iteration reads it without a dictionary lookup.

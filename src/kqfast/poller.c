@@ -24,7 +24,10 @@ int kq_poller_wait(kq_poller *p, kq_event *out, int cap, int timeout_ms) {
     int n = kq_poller_poll(p, cap, timeout_ms), count = 0;
     for (int i = 0; i < n; i++) {
         kq_event ev = kq_poller_event(p, i);
-        if (ev.fd >= 0) out[count++] = ev;
+        if (ev.fd >= 0)
+            out[count++] = ev;
+        else
+            kq_poller_wake_seen(p);
     }
     return n < 0 ? -1 : count;
 }

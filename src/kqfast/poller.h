@@ -39,14 +39,23 @@ int kq_poller_add(kq_poller *p, int fd, int mask);
  * at most cap of the kernel's events in the poller.  Returns their count (0 on timeout), or
  * -1 with errno set; EINTR is benign: no event was lost.  Refused changes are events of
  * their own; a backend that finds them before the kernel does returns them without waiting.
- * Wake-ups made before it returns are consumed.  kq_poller_event decodes the i-th event
- * (0 <= i < that count), valid until the next poll. */
+ * kq_poller_event decodes the i-th event (0 <= i < that count), valid until the next
+ * poll; a wake-up's is not the caller's (fd -1). */
 static inline int kq_poller_poll(kq_poller *p, int cap, int timeout_ms);
 static inline kq_event kq_poller_event(const kq_poller *p, int i);
 /* kq_poller_poll, then the caller's events (fd >= 0) copied into out; returns their count. */
 int kq_poller_wait(kq_poller *p, kq_event *out, int cap, int timeout_ms);
-/* Wakes a wait from any thread; wake-ups that arrive before the wait returns coalesce. */
+/* Wakes a wait from any thread; wake-ups coalesce until the loop has seen one: it calls
+ * kq_poller_wake_seen for each event that is not its own (a wake-up or not) before it
+ * looks for the work a wake-up announces.  (Not after every wait: a wake of the loop's own
+ * events costs nothing for wake-ups.) */
 int kq_poller_wake(kq_poller *p);
+void kq_poller_wake_seen(kq_poller *p);
+/* The poller's one timer: it ends a wait (with an event that is not the caller's) once
+ * CLOCK_MONOTONIC reaches deadline (seconds, as kq_monotonic() reads them), so a loop with a
+ * deadline can wait without a timeout of its own.  Each call replaces the last; INFINITY
+ * disarms it; it fires once.  The loop's thread only.  Returns 0, or -1 with errno set. */
+int kq_poller_set_timer(kq_poller *p, double deadline);
 void kq_poller_free(kq_poller *p);
 /* In a forked child: the poller lets go of the kernel state it shares with the parent (an
  * epoll instance is shared; a kqueue is not inherited at all), so that nothing the child

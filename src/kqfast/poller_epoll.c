@@ -3,11 +3,13 @@
 #include "rawsys.h"
 
 #include <errno.h>
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
+#include <sys/timerfd.h>
 #include <unistd.h>
 
 #define EPOLL_BATCH 256
@@ -15,7 +17,8 @@
 /* The events bit of an entry the poller writes itself, for a queued change the kernel refused
  * (data: the errno above the fd).  EPOLLONESHOT is an input flag: epoll never reports it. */
 #define REFUSED EPOLLONESHOT
-/* The wake eventfd's data: read as data.fd it is -1, "not the caller's", on either endianness. */
+/* The data of the wake eventfd and the timerfd: read as data.fd it is -1, "not the caller's",
+ * on either endianness. */
 #define WAKE_DATA UINT64_MAX
 
 struct epoll_change {
@@ -25,6 +28,7 @@ struct epoll_change {
 struct kq_poller {
     int epfd;
     int wakefd;          /* eventfd: a cross-thread wake is a write to it */
+    int timerfd;         /* the poller's timer */
     volatile int woken;  /* coalesces wake-ups: only the 0 -> 1 transition writes */
     /* Modifications wait here for the next poll, one entry per fd: epoll has no batch call,
      * so the point is merging (pausing and resuming write interest in one iteration costs
@@ -49,14 +53,18 @@ static int ctl(kq_poller *p, int op, int fd, int mask) {
 kq_poller *kq_poller_create(void) {
     kq_poller *p = calloc(1, sizeof(*p));
     if (p == NULL) return NULL;
-    p->wakefd = -1;
+    p->wakefd = p->timerfd = -1;
     /* CLOEXEC: a forked-and-exec'd child must not keep our interest list alive. */
     p->epfd = epoll_create1(EPOLL_CLOEXEC);
     p->wakefd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    /* Edge-triggered: every write to an eventfd is a new edge, so the counter never needs
-     * draining (it would take 2^64 wake-ups to fill) and a wake costs the wait no read(). */
+    p->timerfd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
+    /* Edge-triggered: every write to an eventfd, every expiry of a timerfd, is a new edge,
+     * so neither counter needs draining (it would take 2^64 of them to fill) and neither
+     * costs the wait a read(). */
     struct epoll_event ev = {.events = EPOLLIN | EPOLLET, .data.u64 = WAKE_DATA};
-    if (p->epfd < 0 || p->wakefd < 0 || epoll_ctl(p->epfd, EPOLL_CTL_ADD, p->wakefd, &ev) < 0) {
+    if (p->epfd < 0 || p->wakefd < 0 || p->timerfd < 0 ||
+        epoll_ctl(p->epfd, EPOLL_CTL_ADD, p->wakefd, &ev) < 0 ||
+        epoll_ctl(p->epfd, EPOLL_CTL_ADD, p->timerfd, &ev) < 0) {
         int saved = errno;
         kq_poller_free(p);
         errno = saved;
@@ -120,12 +128,7 @@ static inline int kq_poller_poll(kq_poller *p, int cap, int timeout_ms) {
     int refused = p->nchanges ? apply_changes(p, cap) : 0;
     if (refused) return refused;
     /* Not libc's epoll_wait (see rawsys.h); with no sigmask, epoll_pwait is epoll_wait. */
-    int n = (int)kq_sys6(SYS_epoll_pwait, p->epfd, (long)p->events, cap, timeout_ms, 0, 8);
-    /* A wake() that found the flag set skipped its write: the one that set it wrote (or is
-     * about to write) an edge that ends this wait or the next, and the loop checks for work
-     * after every wait.  So the flag may be cleared whether or not that edge came in. */
-    if (__atomic_load_n(&p->woken, __ATOMIC_RELAXED)) __atomic_store_n(&p->woken, 0, __ATOMIC_SEQ_CST);
-    return n;
+    return (int)kq_sys6(SYS_epoll_pwait, p->epfd, (long)p->events, cap, timeout_ms, 0, 8);
 }
 
 /* Everything but plain readability, decoded out of line: the hot path stays small. */
@@ -156,18 +159,47 @@ int kq_poller_wake(kq_poller *p) {
     return write(p->wakefd, &one, sizeof(one)) < 0 && errno != EAGAIN ? -1 : 0;
 }
 
+void kq_poller_wake_seen(kq_poller *p) {
+    /* A wake() that finds the flag set skips its write: the one that set it wrote (or is
+     * about to write) an edge, which the loop sees (now, or in a later wait), and it looks
+     * for work after that.  So the flag may be cleared at any event that is not the
+     * loop's, the edge's or another's; the exchange pairs with wake()'s, so the work of a
+     * wake() that skipped is visible to the look that follows. */
+    __atomic_exchange_n(&p->woken, 0, __ATOMIC_ACQ_REL);
+}
+
+int kq_poller_set_timer(kq_poller *p, double deadline) {
+    /* Absolute on CLOCK_MONOTONIC, kq_monotonic()'s clock: it fires no earlier than the loop
+     * reads the deadline.  An it_value of zero would disarm: the clock is never at 0. */
+    struct itimerspec when = {{0, 0}, {0, 0}};
+    if (deadline <= 0) {
+        when.it_value.tv_nsec = 1;
+    } else if (deadline < INFINITY) {
+        /* Rounded up to the next nanosecond. */
+        when.it_value.tv_sec = (time_t)deadline;
+        when.it_value.tv_nsec = (long)((deadline - (double)when.it_value.tv_sec) * 1e9) + 1;
+        if (when.it_value.tv_nsec > 999999999) {
+            when.it_value.tv_sec += 1;
+            when.it_value.tv_nsec -= 1000000000;
+        }
+    }
+    return timerfd_settime(p->timerfd, TFD_TIMER_ABSTIME, &when, NULL);
+}
+
 void kq_poller_disown(kq_poller *p) {
     /* The child's copies only: the instance lives on in the parent, with its interest list
      * untouched (a delete through a copy would delete it for the parent). */
     if (p->wakefd >= 0) close(p->wakefd);
+    if (p->timerfd >= 0) close(p->timerfd);
     if (p->epfd >= 0) close(p->epfd);
-    p->wakefd = p->epfd = -1;
+    p->wakefd = p->timerfd = p->epfd = -1;
     p->nchanges = 0;
 }
 
 void kq_poller_free(kq_poller *p) {
     if (p == NULL) return;
     if (p->wakefd >= 0) close(p->wakefd);
+    if (p->timerfd >= 0) close(p->timerfd);
     if (p->epfd >= 0) close(p->epfd);
     free(p);
 }

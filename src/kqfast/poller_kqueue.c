@@ -3,12 +3,14 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/types.h>
 #include <sys/event.h>
 #include <sys/time.h>
+#include <time.h>
 #include <unistd.h>
 
 #define KQUEUE_BATCH 256
@@ -24,6 +26,9 @@ struct kq_poller {
     int kq;
     pid_t owner;         /* a kqueue is not inherited by fork(): see kq_poller_free */
     volatile int woken;  /* coalesces wake-ups: only the 0 -> 1 transition triggers */
+    /* The timer: no EVFILT_TIMER, whose every change libkqueue backs with a new fd (a loop
+     * at its fd limit would get none), but the wait's own timeout, from this deadline. */
+    double deadline;
     int nchanges, nfailed;
     /* Interest changes wait here and reach the kernel inside the kevent() call that waits:
      * one syscall per loop iteration, whatever the number of changes. */
@@ -42,6 +47,7 @@ kq_poller *kq_poller_create(void) {
     /* A kqueue is not inherited across fork(), so there is no CLOEXEC to ask for. */
     p->kq = kqueue();
     p->owner = getpid();
+    p->deadline = INFINITY;
     if (p->kq < 0) {
         free(p);
         return NULL;
@@ -143,6 +149,33 @@ int kq_poller_set(kq_poller *p, int fd, int old_mask, int new_mask) {
  * still refuse it, the wait reports that as a KQ_ERROR event (its udata is no DELETE_TAG). */
 int kq_poller_add(kq_poller *p, int fd, int mask) { return queue_interest(p, fd, 0, mask); }
 
+/* The timer fires: events[0] is a wake-up's entry (not the caller's). */
+static int timer_fired(kq_poller *p) {
+    p->deadline = INFINITY;
+    EV_SET(&p->events[0], WAKE_IDENT, EVFILT_USER, 0, 0, 0, NULL);
+    return 1;
+}
+
+/* The timer's part of a poll, out of line: 1 when the deadline has come (the poll returns
+ * the timer's event without waiting: so the first poll after a busy wait sees it); else 0,
+ * the wait's timeout *tsp made ts if the deadline is nearer (then *bounded is set). */
+static int timer_due(kq_poller *p, struct timespec *ts, struct timespec **tsp, int *bounded) {
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    double left = p->deadline - ((double)now.tv_sec + now.tv_nsec / 1e9);
+    if (left <= 0) return 1;
+    if (left < MAX_WAIT_MS / 1000 &&
+        (*tsp == NULL || left < (double)(*tsp)->tv_sec + (*tsp)->tv_nsec / 1e9)) {
+        /* Rounded up to the next microsecond: it ends no earlier than the deadline. */
+        long us = (long)(left * 1e6) + 1;
+        ts->tv_sec = us / 1000000;
+        ts->tv_nsec = (us % 1000000) * 1000;
+        *tsp = ts;
+        *bounded = 1;
+    }
+    return 0;
+}
+
 static inline int kq_poller_poll(kq_poller *p, int cap, int timeout_ms) {
     struct timespec ts, *tsp = NULL;
     if (timeout_ms >= 0) {
@@ -152,6 +185,8 @@ static inline int kq_poller_poll(kq_poller *p, int cap, int timeout_ms) {
         tsp = &ts;
     }
     if (cap > KQUEUE_BATCH) cap = KQUEUE_BATCH;
+    int bounded = 0;  /* the deadline is the wait's timeout */
+    if (p->deadline < INFINITY && timer_due(p, &ts, &tsp, &bounded)) return timer_fired(p);
     /* Refusals kept by an early apply come first, and there is no waiting for them; with
      * no room left for the kernel's answers, the queued changes wait for the next poll. */
     int kept = p->nfailed < cap ? p->nfailed : cap;
@@ -162,6 +197,7 @@ static inline int kq_poller_poll(kq_poller *p, int cap, int timeout_ms) {
         if (kept == cap) return kept;
         ts.tv_sec = ts.tv_nsec = 0;
         tsp = &ts;
+        bounded = 0;
     }
     /* Never wait with an empty event list: kevent() would return at once. */
     int n = kevent(p->kq, p->changes, p->nchanges, p->events + kept, cap - kept, tsp);
@@ -171,13 +207,8 @@ static inline int kq_poller_poll(kq_poller *p, int cap, int timeout_ms) {
         return kept ? kept : -1;
     }
     p->nchanges = 0;
-    n += kept;
-    /* EV_CLEAR consumes a trigger when it is reported.  A wake() that found the flag set
-     * skipped its trigger: the one that set it triggered (or is about to) and ends this
-     * wait or the next, and the loop checks for work after every wait; so the flag may be
-     * cleared whether or not the trigger came in. */
-    if (__atomic_load_n(&p->woken, __ATOMIC_RELAXED)) __atomic_store_n(&p->woken, 0, __ATOMIC_SEQ_CST);
-    return n;
+    if (n == 0 && bounded) return timer_fired(p);
+    return n + kept;
 }
 
 /* Everything but plain readiness, decoded out of line: the hot path stays small. */
@@ -218,6 +249,20 @@ int kq_poller_wake(kq_poller *p) {
     struct kevent trigger;
     EV_SET(&trigger, WAKE_IDENT, EVFILT_USER, 0, NOTE_TRIGGER, 0, NULL);
     return kevent(p->kq, &trigger, 1, NULL, 0, NULL) < 0 ? -1 : 0;
+}
+
+void kq_poller_wake_seen(kq_poller *p) {
+    /* EV_CLEAR consumes a trigger when it is reported.  A wake() that finds the flag set
+     * skips its trigger: the one that set it triggered (or is about to), which the loop
+     * sees (now, or in a later wait), and it looks for work after that.  So the flag may be
+     * cleared at any event that is not the loop's; the exchange pairs with wake()'s, so the
+     * work of a wake() that skipped is visible to the look that follows. */
+    __atomic_exchange_n(&p->woken, 0, __ATOMIC_ACQ_REL);
+}
+
+int kq_poller_set_timer(kq_poller *p, double deadline) {
+    p->deadline = deadline;
+    return 0;
 }
 
 void kq_poller_disown(kq_poller *p) {

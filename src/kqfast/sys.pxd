@@ -25,6 +25,8 @@ cdef extern from "poller.c" nogil:
     kq_event kq_poller_event(kq_poller *p, int i)
     int kq_poller_wait(kq_poller *p, kq_event *out, int cap, int timeout_ms)
     int kq_poller_wake(kq_poller *p)
+    void kq_poller_wake_seen(kq_poller *p)
+    int kq_poller_set_timer(kq_poller *p, double deadline)
     void kq_poller_free(kq_poller *p)
     void kq_poller_disown(kq_poller *p)
     const char kq_poller_backend[]

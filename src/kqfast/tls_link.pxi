@@ -243,17 +243,35 @@ cdef class TlsLink:
             return 0
         if self.state != S_WRAPPED and self.state != S_FLUSHING:
             return 0  # (asyncio reads nothing in other states)
-        protocol = <object>self.protocol
+        result = call_with_bytes(self.data_received, self.app, data, n)
+        if result is NULL:
+            return self.read_failed()
+        drop_reference(result)
         try:
-            call2(self.data_received, self.app, PyBytes_FromStringAndSize(data, n))
-            self.after_read(protocol)
+            self.after_read(<object>self.protocol)
         except (SystemExit, KeyboardInterrupt):
             raise
-        except Exception as exc:
-            protocol._fatal_error(exc, "Fatal error on SSL protocol")
-        except BaseException as exc:  # as the socket transport reports buffer_updated()'s
-            self.handle.fatal_error(exc, "Fatal error: protocol.buffer_updated() call failed.")
+        except BaseException as exc:
+            self.read_error(exc)
         return 0
+
+    cdef int read_failed(self) except -1:
+        """deliver's error path, apart: the hot path then keeps no exception state."""
+        try:
+            pending_error()
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self.read_error(exc)
+        return 0
+
+    cdef read_error(self, exc):
+        """What asyncio's read step does with an exception; one that is not an Exception
+        (a CancelledError) as the socket transport reports a buffer_updated() failure."""
+        if isinstance(exc, Exception):
+            (<object>self.protocol)._fatal_error(exc, "Fatal error on SSL protocol")
+        else:
+            self.handle.fatal_error(exc, "Fatal error: protocol.buffer_updated() call failed.")
 
     cdef after_read(self, protocol):
         cdef size_t pending

@@ -124,17 +124,30 @@ cdef Py_ssize_t T_HANDLE = slot_offset(Transport, "_h")
 # (method descriptors, as the built-in types' are): Python calls them without the generic
 # call path a Cython function takes.
 cdef object transport_write(object self, PyObject **args, Py_ssize_t nargs, PyObject *kwnames):
+    # The common case (one bytes argument) without a reference of its own to the handle:
+    # the transport, which the caller holds, holds it in its slot for good.
+    cdef PyObject *h = slot_get(self, T_HANDLE)
+    if h is not NULL and nargs == 1 and kwnames is NULL and is_exact_bytes(args[0]):
+        (<StreamHandle>h).write_bytes(bytes_data(args[0]), bytes_size(args[0]))
+        return None
+    return transport_write_other(self, args, nargs, kwnames)
+
+
+cdef object transport_write_other(object self, PyObject **args, Py_ssize_t nargs,
+                                  PyObject *kwnames):
     cdef StreamHandle h = handle_in(self)
-    cdef PyObject *data
     if nargs == 1 and kwnames is NULL:
-        data = args[0]
-        if PyBytes_CheckExact(<object>data):  # the common case, without the buffer protocol
-            h.write_bytes(PyBytes_AS_STRING(<object>data), PyBytes_GET_SIZE(<object>data))
-        else:
-            h.write(<object>data)
+        h.write(<object>args[0])
     else:
         h.write(_one_argument("write", "data", args, nargs, kwnames))
     return None
+
+
+cdef extern from "Python.h":
+    # The bytes calls on a borrowed argument.
+    bint is_exact_bytes "PyBytes_CheckExact"(PyObject *o)
+    char *bytes_data "PyBytes_AS_STRING"(PyObject *o)
+    Py_ssize_t bytes_size "PyBytes_GET_SIZE"(PyObject *o)
 
 
 cdef object _one_argument(str method, str name, PyObject **args, Py_ssize_t nargs,

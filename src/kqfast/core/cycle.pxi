@@ -7,27 +7,31 @@ cdef int poll_once(LoopCore *L, int timeout_ms) noexcept nogil:
     """One wait and what it brought; returns the number of events, or -1 when the wait
     failed (errno says why).  An asyncio loop calls it only at or under the records' soft
     cap (Reactor.wait), so the reserve above it holds a whole batch's."""
-    cdef int n, due = wait_ms(L)
-    if due >= 0 and (timeout_ms < 0 or due < timeout_ms):
-        timeout_ms = due
-    n = kq_poller_poll(L.poller, EVENT_CAP, timeout_ms)
-    set_clock(L)  # the wake's one clock read: every stamp and deadline uses it
-    if n < 0:
-        return -1
-    handle_events(L, n)
-    return n
+    return serve_wakes(L, timeout_ms, False)
 
 
 cdef void run_native(LoopCore *L) noexcept nogil:
     """Serves until there is work for Python or the loop is done."""
+    cdef int n
+    # Python has run since the last wake, for as long as it liked: L.now may be more than a
+    # tick behind, so the next wake reads the clock (and ticks start again).
+    L.ticking = L.clock_stale = 0
     while True:
         if kq_load(&L.stop_requested) and not L.stopping:
             begin_stop(L)
         if L.stopping and (L.n_current == 0 or L.now >= L.stop_deadline):
             L.finished = 1
             return
-        # Callbacks already scheduled must not wait for I/O: poll without blocking.
-        if poll_once(L, 0 if kq_load(&L.calls_pending) else -1) < 0:
+        # Callbacks already scheduled must not wait for I/O: poll without blocking.  In the
+        # steady state, wake after wake brings only native streams' plain input (or nothing:
+        # a deadline), and none of these checks can have changed in between: what changes
+        # them comes as another event (a stop or a thread-safe call with the poller's
+        # wake-up, a signal on its socket) or as a failed wait.
+        if kq_load(&L.calls_pending):
+            n = serve_wakes(L, 0, False)
+        else:
+            n = serve_wakes(L, -1, not L.stopping)
+        if n < 0:
             if errno != EINTR:
                 L.wait_errno = errno
                 L.wait_failures += 1
@@ -38,51 +42,87 @@ cdef void run_native(LoopCore *L) noexcept nogil:
             return
 
 
-cdef inline void handle_events(LoopCore *L, int n) noexcept nogil:
-    """The poll's n events, each decoded where the kernel wrote it, then the batch's end.
-    Inline, with the poller's wait and decoder: one frame for the whole wake."""
+cdef int serve_wakes(LoopCore *L, int timeout_ms, bint while_plain) noexcept nogil:
+    """Waits up to timeout_ms (-1: no limit; the poller's timer ends it at the nearest
+    deadline) and handles what came; while_plain: again and again, until a wake brings
+    anything but native streams' plain input.  Returns the last wake's number of events, or
+    -1 when its wait failed (errno says why).  The one frame of a native server's steady
+    state: the wait, the poller's decoder and the events' handling are all inline here,
+    and a wake of plain input reads no clock once ticking (timers.pxi)."""
+    cdef int n
+    while True:
+        n = kq_poller_poll(L.poller, EVENT_CAP, timeout_ms)
+        if not L.ticking:
+            set_clock(L)
+            if while_plain:
+                start_ticking(L)
+        if n < 0:
+            read_clock_for_wake(L)
+            return -1
+        if not (handle_events(L, n) and while_plain):
+            return n
+
+
+cdef inline bint handle_events(LoopCore *L, int n) noexcept nogil:
+    """The poll's n events, each decoded where the kernel wrote it.  Inline, with the
+    poller's wait and decoder: one frame for the whole wake.  True when every event was a
+    native stream's plain input, each read at once; from the first other event on, the rest
+    of the batch goes through handle_others."""
     cdef kq_poller *p = L.poller
     cdef kq_event ev
+    cdef Conn *c
     cdef int i
     for i in range(n):
         ev = kq_poller_event(p, i)
-        # The hot path, tested first so that the compiler can merge the test into the
-        # decoder's own: plain input.
-        if ev.mask == KQ_READABLE and ev.err == 0:
-            on_input_event(L, ev.fd)
-        else:
-            handle_event(L, ev)
-    end_batch(L)
+        c = plain_input(L, ev)
+        if c is NULL or c.flags & C_NOT_PLAIN:
+            handle_others(L, i, n)
+            return False
+        read_native(L, c, ev.fd)
+    return True
 
 
-cdef inline void on_input_event(LoopCore *L, int fd) noexcept nogil:
-    """Plain readability: a native stream in its ordinary state reads at once.  (Kept this
-    small: GCC inlines it, and read_native in it, into the wake.)"""
+cdef inline Conn *plain_input(LoopCore *L, kq_event ev) noexcept nogil:
+    """The entry of the stream when ev is its plain input (the hot path: tested first so
+    that the compiler can merge the test into the decoder's own), else NULL.  In its
+    ordinary state (no C_NOT_PLAIN flag) a native stream reads at once; so does a Python
+    one with C_PY alone, for the Python pass."""
     cdef Conn *c
-    if <unsigned int>fd < <unsigned int>L.nconns:
-        c = &L.conns[<unsigned int>fd]
-        if c.kind == K_STREAM and not (c.flags & C_NOT_PLAIN):
-            read_native(L, c, fd)
-            return
-    on_other_input(L, fd)
+    if ev.mask == KQ_READABLE and ev.err == 0 and <unsigned int>ev.fd < <unsigned int>L.nconns:
+        c = &L.conns[<unsigned int>ev.fd]
+        if c.kind == K_STREAM:
+            return c
+    return NULL
 
 
-cdef void on_other_input(LoopCore *L, int fd) noexcept nogil:
-    """Plain readability of anything else: a Python stream in its ordinary state reads
-    for the Python pass at once; the rest goes by its entry's kind."""
+cdef void handle_others(LoopCore *L, int i, int n) noexcept nogil:
+    """Events i to n-1 of a batch that is not all native plain input, event i the first
+    that is not, then the batch's end; the clock is read first."""
+    cdef kq_poller *p = L.poller
     cdef kq_event ev
-    if (<unsigned int>fd < <unsigned int>L.nconns and L.conns[fd].kind == K_STREAM
-            and L.conns[fd].flags & C_NOT_PLAIN == C_PY):
-        read_for_python(L, fd)
-        return
-    ev.fd, ev.mask, ev.err = fd, KQ_READABLE, 0
-    handle_event(L, ev)
+    cdef Conn *c
+    read_clock_for_wake(L)
+    for i in range(i, n):
+        ev = kq_poller_event(p, i)
+        c = plain_input(L, ev)
+        if c is not NULL and not (c.flags & C_NOT_PLAIN):
+            read_native(L, c, ev.fd)
+        elif c is not NULL and c.flags & C_NOT_PLAIN == C_PY:
+            read_for_python(L, ev.fd)
+        else:
+            # Decoded again: the common cases above then keep no copy of the event.
+            handle_event(L, kq_poller_event(p, i))
+    end_batch(L)
+    L.clock_stale = L.ticking  # (the next wake's own)
 
 
 cdef void handle_event(LoopCore *L, kq_event ev) noexcept nogil:
     """Routes one event by its table entry's kind."""
-    # One unsigned comparison drops the poller's own entries (fd -1) and fds off the table.
+    # One unsigned comparison drops the poller's own entries (fd -1: a wake-up, its timer)
+    # and fds off the table.
     if <unsigned int>ev.fd >= <unsigned int>L.nconns:
+        if ev.fd < 0:
+            kq_poller_wake_seen(L.poller)  # before run_native looks for the work
         return
     if L.conns[ev.fd].kind == K_STREAM:
         on_stream_event(L, ev.fd, ev.mask, ev.err)
@@ -133,12 +173,14 @@ cdef void on_entry_event(LoopCore *L, kq_event ev) noexcept nogil:
 
 
 cdef inline void end_batch(LoopCore *L) noexcept nogil:
+    """After a batch that was not all plain input (only other events bring sources, and
+    the poller's timer firing is one)."""
     # Accept after the batch: a fd closed above may come back at once as a new client, and
     # the batch's stale events for the old one must not reach it.
     if L.nsources:
         serve_sources(L)
-    if L.now >= L.next_expiry:
-        expire_timers(L)
+    if L.now >= L.timer_at or L.now >= L.next_expiry:
+        time_is_up(L)
 
 
 cdef void end_all(LoopCore *L) noexcept nogil:
@@ -165,6 +207,8 @@ cdef void begin_stop(LoopCore *L) noexcept nogil:
     L.stopping = 1
     if L.stop_deadline < L.next_expiry:
         L.next_expiry = L.stop_deadline  # the wait must end by then
+    read_clock_for_wake(L)
+    stop_ticking(L)  # (which sets the timer)
     close_sources(L)
     for fd in range(L.top):
         if L.conns[fd].kind == K_STREAM and not (L.conns[fd].flags & C_CLOSING):

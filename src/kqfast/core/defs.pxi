@@ -114,7 +114,8 @@ ctypedef struct TimerList:
     double timeout
     # Activity moves a connection to the tail only when its stamp is at least this old, so a
     # busy connection costs a list move per granule, not per read: a deadline may come
-    # early by at most one granule (1/64 of the timeout).
+    # early by at most 1/64 of the timeout (the idle list's granule is half that, as its
+    # stamps may be judged on a clock a tick behind).
     double granule
 
 ctypedef struct LoopCore:
@@ -142,13 +143,19 @@ ctypedef struct LoopCore:
     int max_connections
     double now, stop_deadline
     TimerList timers[TIMER_LISTS]
-    # No deadline comes before this (INFINITY: none), so the wait's timeout is one
-    # subtraction and a wake with nothing due skips the expiry.  It may come early (the head
-    # it was taken from moved on): that wake expires nothing and takes the exact one.
+    # No deadline comes before this (INFINITY: none): the poller's timer is set at it, and a
+    # wake with nothing due skips the expiry.  It may come early (the head it was taken from
+    # moved on): that wake expires nothing and takes the exact one.
     double next_expiry
-    # Per list, now - granule: activity on a connection stamped at or before it moves it to
-    # its list's tail (set with now, so touch() is one comparison).
-    double restamp[TIMER_LISTS]
+    # Where the poller's timer is set (INFINITY: nowhere, or it has fired).
+    double timer_at
+    # A native server's steady state (timers.pxi): ticking, L.now may be up to a tick
+    # behind (clock_stale: ticking, and the current wake has not read the clock); the tick
+    # (the idle granule; INFINITY without an idle timeout), the next one, and bytes_in at
+    # the last one.
+    int ticking, clock_stale
+    double tick, tick_at
+    uint64_t tick_input
     # Set by other threads (kq_store), read by the loop's (kq_load).
     int stop_requested, calls_pending
     int stopping, finished, wait_errno, wait_failures, signal_pending

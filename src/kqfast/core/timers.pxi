@@ -1,10 +1,20 @@
 # One timer structure for every connection: intrusive lists (idle, closing; and listeners
 # backing off at the fd limit) ordered by last activity.  Every entry on a list has the
-# list's timeout, so the nearest deadline is always a head and becomes the wait's timeout:
-# no heap, no kernel timer per connection.  LoopCore.next_expiry keeps it between wakes.
+# list's timeout, so the nearest deadline is always a head, and the poller's one timer is set
+# at it: no heap, no kernel timer per connection, no timeout computed for each wait.
+# LoopCore.next_expiry keeps it between wakes.
+#
+# The clock is read once per wake, except in a native server's steady state (see
+# serve_wakes): there a wake of plain input reads none, and the poller's timer also fires
+# every tick while input keeps coming, each such wake reading it, so L.now is never more
+# than a tick behind when a connection's activity is judged.  Whatever stamps or expires
+# reads the clock itself.
 from libc.math cimport INFINITY
 
 cdef double ACCEPT_BACKOFF = 0.1   # seconds a listener out of fds rests
+# Seconds: the poller's timer is set no further ahead (the backends' conversions stay in
+# range; a wake a day with nothing due is nothing).
+cdef double LONGEST_TIMER = 86400
 
 
 cdef void timers_init(LoopCore *L) noexcept nogil:
@@ -13,15 +23,18 @@ cdef void timers_init(LoopCore *L) noexcept nogil:
         L.timers[i].head = L.timers[i].tail = -1
     L.timers[T_NONE].granule = INFINITY  # off every list: activity moves nothing
     L.timers[T_BACKOFF].timeout = ACCEPT_BACKOFF
-    L.next_expiry = INFINITY
+    L.next_expiry = L.timer_at = L.tick = INFINITY
     set_clock(L)
 
 
 cdef void timers_configure(LoopCore *L, double idle_timeout, double linger_timeout) noexcept nogil:
     L.timers[T_IDLE].timeout = idle_timeout
     L.timers[T_CLOSING].timeout = linger_timeout
-    L.timers[T_IDLE].granule = idle_timeout / 64
+    # The idle list's granule is half of 1/64, and so is the tick: a stamp judged on a clock
+    # up to a tick behind is still at most 1/64 of the timeout old (see TimerList.granule).
+    L.timers[T_IDLE].granule = idle_timeout / 128
     L.timers[T_CLOSING].granule = linger_timeout / 64
+    L.tick = L.timers[T_IDLE].granule if idle_timeout > 0 else INFINITY
     set_clock(L)
     timers_rearm(L)
 
@@ -39,6 +52,74 @@ cdef void timers_rearm(LoopCore *L) noexcept nogil:
     if L.stopping and L.stop_deadline < deadline:
         deadline = L.stop_deadline
     L.next_expiry = deadline
+    set_timer(L)
+
+
+cdef void set_timer(LoopCore *L) noexcept nogil:
+    """Sets the poller's timer at the next moment the loop must wake: the nearest deadline
+    or, ticking, the next tick.  No system call when that is where it is set already."""
+    cdef double at = L.next_expiry
+    if L.ticking and L.tick_at < at:
+        at = L.tick_at
+    if at < INFINITY and at > L.now + LONGEST_TIMER:
+        at = L.now + LONGEST_TIMER
+    if at != L.timer_at:
+        if kq_poller_set_timer(L.poller, at) < 0:
+            L.n_errors += 1  # (EBADF only in a forked child, whose poller was let go of)
+        else:
+            L.timer_at = at
+
+
+cdef void start_ticking(LoopCore *L) noexcept nogil:
+    """A native server's steady state stops reading the clock on wakes of plain input; the
+    clock was just read."""
+    L.ticking = L.clock_stale = 1
+    L.tick_input = L.bytes_in
+    L.tick_at = L.now + L.tick
+    set_timer(L)
+
+
+cdef void stop_ticking(LoopCore *L) noexcept nogil:
+    L.ticking = L.clock_stale = 0
+    set_timer(L)
+
+
+cdef inline void read_clock_for_wake(LoopCore *L) noexcept nogil:
+    """A wake that is not all plain input reads the clock (if ticking has let it fall
+    behind) before its first other event, once: L.now then holds still for the rest of it
+    (see expire_timers), until the next wake's (handle_others)."""
+    if L.clock_stale:
+        L.clock_stale = 0
+        set_clock(L)
+
+
+cdef inline void read_clock_to_stamp(LoopCore *L) noexcept nogil:
+    """A stamp is taken on the clock, not one a tick behind, except in a wake that read it
+    already: as many reads as stamps in a wake of plain input (one per connection and tick
+    at most)."""
+    if L.clock_stale:
+        set_clock(L)
+
+
+cdef void time_is_up(LoopCore *L) noexcept nogil:
+    """The end of a batch that was not all plain input (the poller's timer firing is such
+    an event), the clock read, once the timer's time or the nearest deadline has come (a
+    tick is never before the timer's time): the deadlines due expire, ticks go on while
+    input comes, and the timer is set for what is next.  (Any earlier change of either is
+    set on the timer as it is made.)"""
+    if L.now >= L.timer_at:
+        L.timer_at = INFINITY  # it has fired
+    if L.now >= L.next_expiry:
+        expire_timers(L)  # (which sets the timer)
+    if L.ticking and L.now >= L.tick_at:
+        if L.bytes_in == L.tick_input:
+            # Nothing came in for a tick: no need to go on.  The next wake of plain input
+            # reads the clock and starts them again.
+            stop_ticking(L)
+            return
+        L.tick_input = L.bytes_in
+        L.tick_at = L.now + L.tick
+    set_timer(L)
 
 
 cdef void timer_unlink(LoopCore *L, int fd) noexcept nogil:
@@ -65,6 +146,7 @@ cdef void timer_push(LoopCore *L, int fd, int which) noexcept nogil:
     if which == T_NONE or (which == T_IDLE and L.timers[T_IDLE].timeout <= 0):
         c.active = INFINITY  # on no list: never expires, and activity never moves it
         return
+    read_clock_to_stamp(L)
     c.active = L.now
     c.timer = which
     c.prev, c.next = t.tail, -1
@@ -76,6 +158,7 @@ cdef void timer_push(LoopCore *L, int fd, int which) noexcept nogil:
         # list's latest, and unlinking only moves deadlines later.
         if L.now + t.timeout < L.next_expiry:
             L.next_expiry = L.now + t.timeout
+            set_timer(L)
     t.tail = fd
 
 
@@ -85,32 +168,20 @@ cdef inline void touch(LoopCore *L, int fd) noexcept nogil:
 
 cdef inline void touch_conn(LoopCore *L, Conn *c, int fd) noexcept nogil:
     """Progress on c, the entry of fd."""
-    if c.active <= L.restamp[c.timer]:
+    if L.now - c.active >= L.timers[c.timer].granule:
         timer_push(L, fd, c.timer)
 
 
 cdef inline void touch_idle(LoopCore *L, Conn *c, int fd) noexcept nogil:
     """touch_conn for an entry on the idle list or on none, as a native stream's in its
-    ordinary state is: one comparison, as one on none is stamped INFINITY."""
-    if c.active <= L.restamp[T_IDLE]:
+    ordinary state is: one test, as one on none is stamped INFINITY."""
+    if L.now - c.active >= L.timers[T_IDLE].granule:
         timer_push(L, fd, T_IDLE)
 
 
 cdef inline void set_clock(LoopCore *L) noexcept nogil:
-    """Reads the clock into L.now, and what touch() compares with."""
-    cdef int i
+    """Reads the clock into L.now."""
     L.now = kq_monotonic()
-    for i in range(TIMER_LISTS):
-        L.restamp[i] = L.now - L.timers[i].granule
-
-
-cdef inline int wait_ms(LoopCore *L) noexcept nogil:
-    """The wait's timeout: up to the nearest deadline (-1: none), rounded up."""
-    cdef double d
-    if L.next_expiry == INFINITY:
-        return -1
-    d = (L.next_expiry - L.now) * 1000.0 + 1.0
-    return 0 if d < 0 else (<int>d if d < 86400000.0 else 86400000)
 
 
 cdef void expire_timers(LoopCore *L) noexcept nogil:

@@ -1,0 +1,42 @@
+# How the Python pass calls protocol code, cheaply: each protocol method is looked up once per
+# stream (its class's function, as uvloop does), data_received goes through that function's
+# vectorcall slot with its bytes made right there, and the error path is apart from the hot
+# one, which so keeps no exception state.
+
+
+cdef object _protocol_method(protocol, str name):
+    """protocol's method name as a function of two arguments (protocol, data): the class's
+    own, so no bound method is kept per stream; a method set on the instance is bound."""
+    bound = getattr(protocol, name, None)
+    function = getattr(type(protocol), name, None)
+    if getattr(bound, "__func__", None) is function and function is not None:
+        return function
+    return lambda _, data: bound(data)
+
+
+cdef extern from *:
+    """
+    /* f(a, bytes(data[:n])) through f's vectorcall slot, which every Python function has
+       (read inline: PyVectorcall_Function is a call of its own): the Python pass's
+       data_received call, without the checks of a generic call.  A new reference, or NULL
+       with the exception set, as the call's own result: the caller's error path is apart
+       from its hot one. */
+    static CYTHON_INLINE PyObject *kq_call_with_bytes(PyObject *f, PyObject *a,
+                                                      const char *data, Py_ssize_t n) {
+        PyObject *result, *args[2] = {a, PyBytes_FromStringAndSize(data, n)};
+        PyTypeObject *type = Py_TYPE(f);
+        vectorcallfunc call = NULL;
+        if (args[1] == NULL) return NULL;
+        if (PyType_HasFeature(type, Py_TPFLAGS_HAVE_VECTORCALL))
+            call = *(vectorcallfunc *)((char *)f + type->tp_vectorcall_offset);
+        result = call ? call(f, args, 2, NULL) : PyObject_Vectorcall(f, args, 2, NULL);
+        Py_DECREF(args[1]);
+        return result;
+    }
+    /* Re-raises the pending exception as a Cython function's failure. */
+    static CYTHON_INLINE int kq_pending_error(void) { return -1; }
+    """
+    PyObject *call_with_bytes "kq_call_with_bytes"(object f, object a, const char *data,
+                                                   Py_ssize_t n)
+    int pending_error "kq_pending_error"() except -1
+    void drop_reference "Py_DECREF"(PyObject *o)
