@@ -1,9 +1,12 @@
 """Runs one test module of CPython's test_asyncio and writes one JSON line per test outcome
-to the file named by argv[2] as it goes (so a module that hangs still tells which test)."""
+to the file named by argv[2] as it goes (so a module that hangs still tells which test).  The
+first line names the loop class asyncio's default loop factory makes here, so run.py can tell
+a run that was meant for kqfast's loop but did not get it (sitecustomize.py not imported)."""
 import json
 import signal
 import sys
 import unittest
+from asyncio import unix_events
 
 
 class Recorder(unittest.TextTestResult):
@@ -55,8 +58,14 @@ def main():
     # A runner started in the background inherits an ignored SIGINT, and asyncio.run's
     # Ctrl-C tests (interrupt_main) would then wait forever, on any loop.
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    suite = unittest.defaultTestLoader.loadTestsFromName(name)
+    factory = unix_events._UnixDefaultEventLoopPolicy._loop_factory
     with open(path, "w") as out:
+        out.write(json.dumps({"loop": f"{factory.__module__}.{factory.__qualname__}"}) + "\n")
+        try:
+            suite = unittest.defaultTestLoader.loadTestsFromName(name)
+        except unittest.SkipTest as exc:  # a whole module for another platform (Windows)
+            out.write(json.dumps({"test": name, "outcome": "skip", "detail": str(exc)}) + "\n")
+            return
         runner = unittest.TextTestRunner(
             stream=sys.stderr, verbosity=1,
             resultclass=lambda *a, **k: Recorder(out, *a, **k))

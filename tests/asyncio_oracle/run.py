@@ -22,6 +22,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 FAILED = ("fail", "error", "hang", "crash")
+KQFAST_LOOP = "kqfast.loop.Loop"  # what sitecustomize.py makes asyncio's loop factory
 
 
 def modules() -> list[str]:
@@ -40,13 +41,23 @@ def run_module(module: str, loop: str, out: Path, timeout: float) -> dict[str, s
         proc = subprocess.run([sys.executable, str(HERE / "driver.py"), module, str(path)],
                               env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, timeout=timeout, text=True)
-        ended = "crash" if proc.returncode not in (0, 1) else None
+        ended = "crash" if proc.returncode != 0 else None
+        if ended:
+            print(f"{module} crashed on {loop}'s loop: {proc.stderr.strip()[-2000:]}",
+                  file=sys.stderr)
     except subprocess.TimeoutExpired:
         ended = "hang"
     outcomes: dict[str, str] = {}
     last = None
     for line in path.read_text().splitlines() if path.exists() else []:
         row = json.loads(line)
+        if "loop" in row:
+            if (row["loop"] == KQFAST_LOOP) != (loop == "kqfast"):
+                # Whatever passed there says nothing about the loop it was meant for.
+                print(f"{module}: meant for {loop}'s loop, ran on {row['loop']}",
+                      file=sys.stderr)
+                return {module: "crash"}
+            continue
         last = row["test"]
         if row["outcome"] == "started":
             outcomes.setdefault(last, "started")
