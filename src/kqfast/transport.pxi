@@ -18,7 +18,9 @@ cdef extern from "Python.h":
 # _FlowControlMixin: what loop.sendfile()'s fallback checks for (and reads the state of).
 class Transport(_aio_transports._FlowControlMixin):
     """asyncio's transport over one kqfast stream; made by the loop, never by hand."""
-    __slots__ = ("_h", "__weakref__")
+    # A __dict__ as asyncio's transports have: code sets attributes on transports, tests
+    # patch their methods (CPython's test_ssl patches write() with unittest.mock).
+    __slots__ = ("_h", "__weakref__", "__dict__")
     _start_tls_compatible = True
     # loop.sendfile() writes through the transport (its native path needs a selector
     # transport's internals).
@@ -97,6 +99,25 @@ class Transport(_aio_transports._FlowControlMixin):
         own test_server_context among it)."""
         cdef Conn *c = handle_of(self).conn()
         return c is not NULL and bool(c.flags & C_READ_PAUSED)
+
+    # What asyncio's selector transports keep and code outside them reads (CPython's own
+    # test_ssl among it): the socket (here asyncio's safe TransportSocket over the stream's;
+    # a socket set here is kept and read back, the core does not use it), and the read
+    # callback, None once the transport is closing (here resume_reading: the core reads by
+    # itself, and calling it lets reading go on, as calling asyncio's reads what is there).
+    @property
+    def _sock(self):
+        sock = self.__dict__.get("_sock")
+        return sock if sock is not None else handle_of(self).get_extra_info("socket", None)
+
+    @_sock.setter
+    def _sock(self, sock):
+        self.__dict__["_sock"] = sock
+
+    @property
+    def _read_ready_cb(self):
+        cdef StreamHandle h = handle_of(self)
+        return None if h.closing or h.ended else self.resume_reading
 
     def get_protocol(self):
         return handle_of(self).protocol
