@@ -132,8 +132,8 @@ cdef object ssl_error(kq_tls *t, server_hostname):
         else:
             text = kq_tls_verify_string(verify_code)
             verify = text.decode() if text is not NULL else None
-    library = _ssl.lib_codes_to_names.get(lib) if code else None
-    reason_name = _ssl.err_codes_to_names.get((lib, reason)) if code else None
+    library = _library_name(lib) if code else None
+    reason_name = _reason_name(code, lib, reason) if code else None
     if message is None:
         text = kq_tls_error_string(code) if code else NULL
         message = text.decode() if text is not NULL else "unknown error"
@@ -147,6 +147,34 @@ cdef object ssl_error(kq_tls *t, server_hostname):
     if kind is _ssl_module.SSLCertVerificationError:
         exc.verify_code, exc.verify_message = verify_code, verify
     return exc
+
+
+# OpenSSL's libraries by code (ERR_LIB_*, the same in 1.1.1 and 3.x), named as Python's ssl
+# names them: its own tables say so up to 3.14 (_ssl.lib_codes_to_names, err_codes_to_names),
+# which 3.15 no longer exposes.
+_LIBRARIES = {2: "SYS", 3: "BN", 4: "RSA", 5: "DH", 6: "EVP", 7: "BUF", 8: "OBJ", 9: "PEM",
+              10: "DSA", 11: "X509", 13: "ASN1", 14: "CONF", 15: "CRYPTO", 16: "EC", 20: "SSL",
+              32: "BIO", 33: "PKCS7", 34: "X509V3", 35: "PKCS12", 36: "RAND", 37: "DSO",
+              38: "ENGINE", 39: "OCSP", 40: "UI", 41: "COMP", 42: "ECDSA", 43: "ECDH",
+              44: "OSSL_STORE", 45: "FIPS", 46: "CMS", 47: "TS", 48: "HMAC", 50: "CT",
+              51: "ASYNC", 52: "KDF", 53: "SM2", 54: "ESS", 55: "PROP", 56: "CRMF", 57: "PROV",
+              58: "CMP", 59: "OSSL_ENCODER", 60: "OSSL_DECODER", 61: "HTTP"}
+
+
+cdef object _library_name(int lib):
+    names = getattr(_ssl, "lib_codes_to_names", None)
+    return names.get(lib) if names is not None else _LIBRARIES.get(lib)
+
+
+cdef object _reason_name(unsigned long code, int lib, int reason):
+    """A reason's name: Python's table's where it has one, else OpenSSL's text for it in the
+    form of its macro's name ("bad record mac" -> BAD_RECORD_MAC), as those tables are made."""
+    cdef const char *text
+    names = getattr(_ssl, "err_codes_to_names", None)
+    if names is not None:
+        return names.get((lib, reason))
+    text = kq_tls_error_string(code)
+    return text.decode().upper().replace(" ", "_") if text is not NULL else None
 
 
 @cython.final
@@ -209,13 +237,22 @@ cdef class TlsLink:
             c.flags &= ~C_TLS
         h.tls = None
         self.handle, self.protocol = None, NULL
+        # The app transport outlives the stream (its protocol may keep it), and keeps this
+        # link: nothing of the connection may stay reachable through it (asyncio's own lets
+        # go of its SSLProtocol once closed twice).
+        self.sslobj = self.incoming = self.outgoing = self.app = self.data_received = None
+        self.held = None
+        self.tls.ssl = NULL
+        self.tls.rbio = self.tls.wbio = NULL
 
     def __dealloc__(self):
         self.detach()
 
     cdef sync(self, protocol):
-        """Reads the SSLProtocol's state after one of its steps changed it."""
-        cdef Conn *c
+        """Reads the SSLProtocol's state after one of its steps changed it (while attached:
+        the core is what needs it)."""
+        if self.handle is None:
+            return
         self.state = _STATES[protocol._state]
         app = protocol._app_protocol
         if app is not self.app:
