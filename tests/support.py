@@ -65,7 +65,10 @@ def run_echo_expecting_exit(*args: str, timeout: float = 10.0) -> subprocess.Com
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=timeout)
         raise AssertionError(f"kqfast-echo started instead of exiting: {first!r}")
-    out, rest = proc.communicate(timeout=timeout)
+    # Read on through the same file objects: communicate() reads the fds themselves and
+    # would miss what readline() left in stderr's buffer.
+    rest, out = proc.stderr.read(), proc.stdout.read()
+    proc.wait(timeout=timeout)
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, first + rest)
 
 
