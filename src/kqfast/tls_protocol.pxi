@@ -117,7 +117,8 @@ def _loop_thread_only(name):
 for _name in ("writelines", "close", "abort", "pause_reading", "resume_reading",
               "set_write_buffer_limits", "get_write_buffer_size", "set_read_buffer_limits",
               "get_read_buffer_size", "set_protocol"):
-    setattr(CoreSSLTransport, _name, _loop_thread_only(_name))
+    if hasattr(_SSLProtocolTransport, _name):  # (3.10's has no read-buffer limits)
+        setattr(CoreSSLTransport, _name, _loop_thread_only(_name))
 
 
 cdef PyMethodDef _TLS_WRITE = PyMethodDef(
