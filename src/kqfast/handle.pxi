@@ -4,19 +4,16 @@
 # (transport.pxi) is a thin asyncio.Transport over it.  Everything here follows asyncio's
 # selector transport (Lib/asyncio/selector_events.py) rule for rule, so protocols written for
 # the standard loop see the same calls in the same order.
-import asyncio as _asyncio
 import socket as _socket
 import warnings as _warnings
-from asyncio import protocols as _aio_protocols
 from asyncio import trsock as _trsock
 from asyncio.base_events import Server as _AioServer
 
 from cpython.buffer cimport PyBUF_WRITABLE
 from cpython.bytearray cimport PyByteArray_AS_STRING
 from cpython.bytes cimport PyBytes_CheckExact, PyBytes_GET_SIZE
+from cpython.contextvars cimport PyContext_Enter, PyContext_Exit
 
-cdef object _BufferedProtocol = _asyncio.BufferedProtocol
-cdef object _feed_buffered = _aio_protocols._feed_data_to_buffered_proto
 # Python 3.13's Server tracks its transports (_attach(transport)); older ones count them.
 cdef bint _ATTACH_TAKES_TRANSPORT = _AioServer._attach.__code__.co_argcount == 2
 cdef int _LOG_THRESHOLD_FOR_CONNLOST_WRITES = 5
@@ -30,15 +27,6 @@ cdef size_t _whole_bytes(mark) except? 0:
 
 cdef object _errno_exception(int err):
     return OSError(err, _os.strerror(err))
-
-
-class LineProtocol(_asyncio.Protocol):
-    """An asyncio.Protocol whose input is framed into lines in C: line_received(line) gets
-    each complete line with its b"\\n" (and a last line without one at EOF).  A line longer
-    than the server's max_line closes the connection."""
-
-    def line_received(self, line):
-        pass
 
 
 @cython.final

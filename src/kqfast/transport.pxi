@@ -5,6 +5,8 @@ from asyncio import constants as _aio_constants
 from asyncio import futures as _aio_futures
 from asyncio import transports as _aio_transports
 
+from cpython.contextvars cimport (PyContext_Copy, PyContext_CopyCurrent, PyContext_Enter,
+                                  PyContext_Exit)
 from cpython.object cimport PyCFunction, PyMethodDef, PyTypeObject
 
 cdef extern from "Python.h":
