@@ -17,12 +17,20 @@ cdef extern from "Python.h":
         METH_KEYWORDS
 
 
+# The stream's handle is kept in the first of _FlowControlMixin's slots (_loop), which holds
+# nothing else here: Transport's properties read the mixin's state from the stream.  A slot
+# of Transport's own for it would make each transport 16 bytes bigger, as pymalloc rounds.
+# A mixin without that slot (the "streams" hook then names it) leaves Transport its own.
+_HANDLE_IN_MIXIN = type(vars(_aio_transports._FlowControlMixin).get("_loop")).__name__ == (
+    "member_descriptor")
+
+
 # _FlowControlMixin: what loop.sendfile()'s fallback checks for (and reads the state of).
 class Transport(_aio_transports._FlowControlMixin):
     """asyncio's transport over one kqfast stream; made by the loop, never by hand."""
     # A __dict__ as asyncio's transports have: code sets attributes on transports, tests
     # patch their methods (CPython's test_ssl patches write() with unittest.mock).
-    __slots__ = ("_h", "__weakref__", "__dict__")
+    __slots__ = ("__weakref__", "__dict__") + (() if _HANDLE_IN_MIXIN else ("_h",))
     _start_tls_compatible = True
     # loop.sendfile() writes through the transport (its native path needs a selector
     # transport's internals).
@@ -78,7 +86,7 @@ class Transport(_aio_transports._FlowControlMixin):
         h.check_thread()
         h.force_close(exc, False)
 
-    # _FlowControlMixin's state, read from the stream (its slots stay unused).
+    # _FlowControlMixin's state, read from the stream (its slots hold none of it).
     @property
     def _loop(self):
         return handle_of(self).reactor.loop
@@ -140,7 +148,8 @@ class Transport(_aio_transports._FlowControlMixin):
         return f"<kqfast.Transport fd={h.fd} {state}>"
 
 
-cdef Py_ssize_t T_HANDLE = slot_offset(Transport, "_h")
+cdef Py_ssize_t T_HANDLE = (slot_offset(_aio_transports._FlowControlMixin, "_loop")
+                            if _HANDLE_IN_MIXIN else slot_offset(Transport, "_h"))
 
 
 # The two methods every protocol and stream calls all the time, as C methods of the class
@@ -219,8 +228,12 @@ cdef StreamHandle new_handle(Reactor R, int fd, protocol, server, dict extra, co
     table has taken nothing."""
     cdef StreamHandle h = StreamHandle.__new__(StreamHandle)
     cdef Conn *c
-    t = Transport.__new__(Transport)
-    t._h = h
+    # As Transport's tp_alloc makes it (zeroed, GC-tracked: handles.pxi makes asyncio's
+    # Handles so), without object.__new__'s eager values for the __dict__ (3.11, 3.12): the
+    # dict is made when first used, and most transports never have one.
+    t = <object>PyType_GenericAlloc(<PyTypeObject *>Transport, 0)
+    Py_DECREF(t)  # the allocation's reference, now held by the variable
+    slot_set(t, T_HANDLE, h)
     h.transport = t
     h.reactor, h.fd, h.server, h.extra = R, fd, server, extra
     h.context = context
