@@ -1,6 +1,7 @@
 # The transport protocols see: a real asyncio.Transport (isinstance holds), each method one
 # call into its stream's StreamHandle (handle.pxi).  How a stream is born: accepted in C
 # from a listener (made), or adopted from a socket asyncio connected (adopt).
+import socket as _socket
 from asyncio import constants as _aio_constants
 from asyncio import futures as _aio_futures
 from asyncio import transports as _aio_transports
@@ -118,7 +119,7 @@ class Transport(_aio_transports._FlowControlMixin):
     @property
     def _sock(self):
         sock = self.__dict__.get("_sock")
-        return sock if sock is not None else handle_of(self).get_extra_info("socket", None)
+        return sock if sock is not None else extra_info(handle_of(self), "socket", None)
 
     @_sock.setter
     def _sock(self, sock):
@@ -140,7 +141,7 @@ class Transport(_aio_transports._FlowControlMixin):
     def get_extra_info(self, name, default=None):
         cdef StreamHandle h = handle_of(self)
         h.check_thread()
-        return h.get_extra_info(name, default)
+        return extra_info(h, name, default)
 
     def __repr__(self):
         cdef StreamHandle h = handle_of(self)
@@ -235,7 +236,9 @@ cdef StreamHandle new_handle(Reactor R, int fd, protocol, server, dict extra, co
     Py_DECREF(t)  # the allocation's reference, now held by the variable
     slot_set(t, T_HANDLE, h)
     h.transport = t
-    h.reactor, h.fd, h.server, h.extra = R, fd, server, extra
+    h.reactor, h.fd, h.server = R, fd, server
+    if extra is not None:
+        h.rare_state().extra = extra
     h.context = context
     if server is not None:
         if _ATTACH_TAKES_TRANSPORT:
@@ -244,8 +247,8 @@ cdef StreamHandle new_handle(Reactor R, int fd, protocol, server, dict extra, co
             server._attach()
     c = &R.core.conns[fd]
     h.gen = c.gen
-    h.high_water, h.low_water = R.core.high_water, R.core.low_water
-    c.low_water = <uint32_t>min(h.low_water, 0xFFFFFFFF)
+    h.high_water = R.core.high_water
+    c.low_water = <uint32_t>min(R.core.low_water, 0xFFFFFFFF)
     if R.holds_handles:
         Py_INCREF(h)
     c.transport = <PyObject *>h
@@ -330,9 +333,9 @@ def adopt(Reactor R, sock, protocol, waiter, extra, server, context):
         close_entry(&R.core, fd)
         R.core.n_current -= 1
         raise
-    h.sock = sock
-    h.get_extra_info("sockname", None)  # asyncio's transports learn their names at once
-    h.get_extra_info("peername", None)
+    h.rare_state().sock = sock
+    extra_info(h, "sockname", None)  # asyncio's transports learn their names at once
+    extra_info(h, "peername", None)
     R.loop.call_soon(_start_adopted, h, waiter, context=context)
     return h.transport
 
