@@ -20,7 +20,8 @@ cdef extern from "Python.h":
 
 # The stream's handle is kept in the first of _FlowControlMixin's slots (_loop), which holds
 # nothing else here: Transport's properties read the mixin's state from the stream.  A slot
-# of Transport's own for it would make each transport 16 bytes bigger, as pymalloc rounds.
+# of Transport's own for it would cost 8 bytes a transport, and 16 on Python 3.11, whose
+# layout pymalloc would then round up to 112 bytes instead of 96.
 # A mixin without that slot (the "streams" hook then names it) leaves Transport its own.
 _HANDLE_IN_MIXIN = type(vars(_aio_transports._FlowControlMixin).get("_loop")).__name__ == (
     "member_descriptor")
