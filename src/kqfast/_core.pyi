@@ -104,6 +104,10 @@ class Transport(transports._FlowControlMixin):
     def get_extra_info(self, name: str, default: Any = None) -> Any: ...
 
 @final
+class RareState:
+    """What only some streams need, kept apart from their handle (internal)."""
+
+@final
 class StreamHandle:
     """The Python side of one stream of the core's table (internal)."""
 

@@ -1,7 +1,23 @@
-# How the Python pass calls protocol code, cheaply: each protocol method is looked up once per
-# stream (its class's function, as uvloop does), data_received goes through that function's
-# vectorcall slot with its bytes made right there, and the error path is apart from the hot
-# one, which so keeps no exception state.
+# How the Python pass calls protocol code, cheaply, for the three kinds of protocol it
+# feeds: a plain one's data_received, an asyncio.BufferedProtocol's buffers (asyncio's own
+# feeding, for bytes already read), and a LineProtocol's lines, which the core frames.  Each
+# protocol method is looked up once per stream (its class's function, as uvloop does),
+# data_received goes through that function's vectorcall slot with its bytes made right there,
+# and the error path is apart from the hot one, which so keeps no exception state.
+import asyncio as _asyncio
+from asyncio import protocols as _aio_protocols
+
+cdef object _BufferedProtocol = _asyncio.BufferedProtocol
+cdef object _feed_buffered = _aio_protocols._feed_data_to_buffered_proto
+
+
+class LineProtocol(_asyncio.Protocol):
+    """An asyncio.Protocol whose input is framed into lines in C: line_received(line) gets
+    each complete line with its b"\\n" (and a last line without one at EOF).  A line longer
+    than the server's max_line closes the connection."""
+
+    def line_received(self, line):
+        pass
 
 
 cdef object _protocol_method(protocol, str name):

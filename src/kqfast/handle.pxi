@@ -1,22 +1,18 @@
 # StreamHandle: the Python side of one stream in the core's table.  It holds what asyncio's
-# socket transport holds (protocol, flow control, the socket object, the server) and does
-# what the transport does for that stream under the GIL; the Transport that protocols see
+# socket transport holds (protocol, flow control, the server; the socket object and the rest
+# of what only some streams need in its RareState, rare_state.pxi) and does what the
+# transport does for that stream under the GIL; the Transport that protocols see
 # (transport.pxi) is a thin asyncio.Transport over it.  Everything here follows asyncio's
 # selector transport (Lib/asyncio/selector_events.py) rule for rule, so protocols written for
 # the standard loop see the same calls in the same order.
-import asyncio as _asyncio
-import socket as _socket
 import warnings as _warnings
-from asyncio import protocols as _aio_protocols
-from asyncio import trsock as _trsock
 from asyncio.base_events import Server as _AioServer
 
 from cpython.buffer cimport PyBUF_WRITABLE
 from cpython.bytearray cimport PyByteArray_AS_STRING
 from cpython.bytes cimport PyBytes_CheckExact, PyBytes_GET_SIZE
+from cpython.contextvars cimport PyContext_Enter, PyContext_Exit
 
-cdef object _BufferedProtocol = _asyncio.BufferedProtocol
-cdef object _feed_buffered = _aio_protocols._feed_data_to_buffered_proto
 # Python 3.13's Server tracks its transports (_attach(transport)); older ones count them.
 cdef bint _ATTACH_TAKES_TRANSPORT = _AioServer._attach.__code__.co_argcount == 2
 cdef int _LOG_THRESHOLD_FOR_CONNLOST_WRITES = 5
@@ -30,15 +26,6 @@ cdef size_t _whole_bytes(mark) except? 0:
 
 cdef object _errno_exception(int err):
     return OSError(err, _os.strerror(err))
-
-
-class LineProtocol(_asyncio.Protocol):
-    """An asyncio.Protocol whose input is framed into lines in C: line_received(line) gets
-    each complete line with its b"\\n" (and a last line without one at EOF).  A line longer
-    than the server's max_line closes the connection."""
-
-    def line_received(self, line):
-        pass
 
 
 @cython.final
@@ -55,19 +42,25 @@ cdef class StreamHandle:
     # one current where its server or connection was made (Python 3.15's rule), so nothing
     # a callback sets reaches another stream or the code that runs the loop.
     cdef object context
-    cdef object sock                # a socket object over fd, made when first asked for
-    cdef dict extra                 # made when there is something in it
-    cdef bytearray held             # input read before pause_reading() took effect
-    cdef size_t high_water, low_water
-    cdef tuple limits               # (low, high) as set_write_buffer_limits() got them
-    cdef int lost_writes
-    # Flags, a byte each: the handle is one object per stream, its size is idle memory.
+    cdef RareState rare             # what only some streams need, made on first use
+    # The low-water mark is the Conn's (and, until set_write_buffer_limits(), the reactor's).
+    cdef size_t high_water
+    # Flags and a count, a byte each: the handle is one object per stream, its size is idle
+    # memory (112 bytes, 128 with the GC's header; pymalloc rounds up to 16, so one pointer
+    # more would cost 16).
     cdef uint8_t closing            # close() was called or the stream failed
     cdef uint8_t ended              # the fd is no longer this stream's
     cdef uint8_t eof_written
     cdef uint8_t protocol_connected
     cdef uint8_t protocol_paused
+    cdef uint8_t input_held         # rare.held holds input (what deliver() checks)
     cdef uint8_t held_eof
+    cdef uint8_t lost_writes        # writes after a loss, counted until they are warned of
+
+    cdef inline RareState rare_state(self):
+        if self.rare is None:
+            self.rare = RareState.__new__(RareState)
+        return self.rare
 
     cdef inline Conn *conn(self) noexcept:
         """The stream while it is this handle's; NULL once it ended (a closed stream may
@@ -153,7 +146,8 @@ cdef class StreamHandle:
         if n == 0:
             return 0
         if c is NULL or c.flags & C_LOST:
-            self.lost_writes += 1
+            if self.lost_writes <= _LOG_THRESHOLD_FOR_CONNLOST_WRITES:
+                self.lost_writes += 1
             if self.lost_writes > _LOG_THRESHOLD_FOR_CONNLOST_WRITES:
                 _aio_log.warning("socket.send() raised exception.")
             return 0
@@ -239,6 +233,7 @@ cdef class StreamHandle:
 
     cdef set_write_buffer_limits(self, high, low):
         cdef Conn *c
+        cdef size_t low_water
         self.check_thread()
         if high is None:
             high = 64 * 1024 if low is None else 4 * low
@@ -248,16 +243,18 @@ cdef class StreamHandle:
             raise ValueError(f"high ({high!r}) must be >= low ({low!r}) must be >= 0")
         # Buffer sizes are whole, so whole marks compare the same (size > 1000.5 exactly
         # when size > 1000); the values given are what get_write_buffer_limits() tells.
-        self.limits = (low, high)
-        self.high_water, self.low_water = _whole_bytes(high), _whole_bytes(low)
+        self.rare_state().limits = (low, high)
+        self.high_water, low_water = _whole_bytes(high), _whole_bytes(low)
         c = self.conn()
         if c is not NULL:
-            c.low_water = <uint32_t>min(self.low_water, 0xFFFFFFFF)
+            c.low_water = <uint32_t>min(low_water, 0xFFFFFFFF)
             if buf_len(c.out) > self.high_water:
                 self.pause_protocol()
 
     cdef tuple write_buffer_limits(self):
-        return self.limits if self.limits is not None else (self.low_water, self.high_water)
+        if self.rare is not None and self.rare.limits is not None:
+            return self.rare.limits
+        return (self.reactor.core.low_water, self.high_water)  # the marks the stream began with
 
     cdef size_t write_buffer_size(self) except? 0:
         cdef Conn *c
@@ -287,7 +284,7 @@ cdef class StreamHandle:
         if self.closing or c is NULL or not (c.flags & C_READ_PAUSED):
             return
         c.flags &= ~C_READ_PAUSED
-        if self.held is not None:
+        if self.input_held:
             # What was read before the pause goes first: reading resumes once it is out.
             self.reactor.loop.call_soon(self.deliver_held, context=self.context)
         else:
@@ -301,12 +298,13 @@ cdef class StreamHandle:
 
     def deliver_held(self):
         cdef Conn *c = self.conn()
-        if c is NULL or self.held is None or c.flags & C_READ_PAUSED:
+        if c is NULL or not self.input_held or c.flags & C_READ_PAUSED:
             return
-        data, self.held = self.held, None
+        data, self.rare.held = self.rare.held, None
+        self.input_held = False
         if data:
             self.deliver(self.conn(), PyByteArray_AS_STRING(data), len(data))
-        if self.held is not None:
+        if self.input_held:
             return  # paused again on the way
         if self.held_eof:
             self.held_eof = False
@@ -321,7 +319,7 @@ cdef class StreamHandle:
         if c is NULL or self.closing:
             return 0
         cdef PyObject *result
-        if self.held is not None or c.flags & (C_READ_PAUSED | C_LINE | C_BUFFERED):
+        if self.input_held or c.flags & (C_READ_PAUSED | C_LINE | C_BUFFERED):
             self.deliver_framed(c, data, n)
             return 0
         result = call_with_bytes(self.data_received, self.protocol, data, n)
@@ -342,7 +340,7 @@ cdef class StreamHandle:
 
     cdef deliver_framed(self, Conn *c, const char *data, size_t n):
         """deliver's other cases: held while reading is paused, lines, buffers."""
-        if self.held is not None or c.flags & C_READ_PAUSED:
+        if self.input_held or c.flags & C_READ_PAUSED:
             self.hold(data, n)
             return
         try:
@@ -356,9 +354,16 @@ cdef class StreamHandle:
             self.fatal_error(exc, "Fatal error: protocol.data_received() call failed.")
 
     cdef hold(self, const char *data, size_t n):
-        if self.held is None:
-            self.held = bytearray()
-        self.held += PyBytes_FromStringAndSize(data, n)
+        held = self.held_input()
+        held += PyBytes_FromStringAndSize(data, n)
+
+    cdef bytearray held_input(self):
+        """The input held while reading is paused, made (empty) when there is none yet."""
+        cdef RareState rare = self.rare_state()
+        if rare.held is None:
+            rare.held = bytearray()
+            self.input_held = True
+        return rare.held
 
     cdef frame_lines(self, const char *data, size_t n):
         """Calls line_received for each complete line; keeps an incomplete one in C."""
@@ -440,10 +445,9 @@ cdef class StreamHandle:
         cdef Buffer *p
         if c is NULL or self.closing:
             return
-        if self.held is not None or c.flags & C_READ_PAUSED:
+        if self.input_held or c.flags & C_READ_PAUSED:
             self.held_eof = True
-            if self.held is None:
-                self.held = bytearray()
+            self.held_input()  # what deliver_held() waits for, even with no bytes held
             return
         try:
             p = c.partial
@@ -549,13 +553,13 @@ cdef class StreamHandle:
             self.ended = True
             return
         # Names stay known after the close, as asyncio's transports know them.
-        self.get_extra_info("sockname", None)
-        self.get_extra_info("peername", None)
+        extra_info(self, "sockname", None)
+        extra_info(self, "peername", None)
         self.ended = True
         if self.tls is not None:
             self.tls.detach()
-        if self.sock is not None:
-            self.sock.detach()  # the socket object must never close a number it lost
+        if self.rare is not None and self.rare.sock is not None:
+            self.rare.sock.detach()  # the socket object must never close a number it lost
         c = self.conn()
         c.transport = NULL
         c.flags &= ~(C_PY | C_LINE | C_BUFFERED)
@@ -587,27 +591,3 @@ cdef class StreamHandle:
                 else:
                     self.server._detach()
                 self.server = None
-
-    # ---- what the stream is -----------------------------------------------------------
-
-    cdef object socket_object(self):
-        if self.sock is None and not self.ended:
-            self.sock = _socket.socket(fileno=self.fd)
-        return self.sock
-
-    cdef get_extra_info(self, name, default):
-        if name == "socket":
-            sock = self.socket_object()
-            return None if sock is None else _trsock.TransportSocket(sock)
-        if self.extra is None:
-            self.extra = {}
-        if name in ("sockname", "peername"):
-            if name not in self.extra:
-                sock = self.socket_object()
-                try:
-                    self.extra[name] = (sock.getsockname() if name == "sockname" else
-                                        sock.getpeername())
-                except (OSError, AttributeError):
-                    return None  # ended before anyone asked
-            return self.extra[name]
-        return self.extra.get(name, default)

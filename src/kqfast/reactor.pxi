@@ -2,14 +2,12 @@
 # own (run(): the nogil cycle until stop); a kqfast.Loop runs it once per asyncio iteration
 # (poll(), then the Python pass in dispatch.pxi).  Everything here is set-up, lifecycle and
 # thread-safe requests; the per-event work is in core/.
+import asyncio as _asyncio
 import logging as _logging
 import threading as _threading
-import weakref as _weakref
 from collections import deque as _deque
 
 cimport cython
-from cpython.contextvars cimport (PyContext_Copy, PyContext_CopyCurrent, PyContext_Enter,
-                                  PyContext_Exit)
 from cpython.pythread cimport PyThread_get_thread_ident
 
 cdef extern from "Python.h":
@@ -31,43 +29,6 @@ _log = _logging.getLogger("kqfast")
 cdef class StreamHandle
 
 
-cdef class NativeHandler:
-    """A handler that runs entirely in C, never taking the GIL."""
-    cdef readonly str name
-
-    def __cinit__(self, str name):
-        self.name = name
-
-    def __repr__(self):
-        return f"kqfast.{self.name.upper()}"
-
-
-ECHO = NativeHandler("echo")
-LINE_ECHO = NativeHandler("line_echo")
-
-
-cdef class Source:
-    """What a listener or inbox makes streams for: the socket it accepts from (kept open while
-    it serves), the protocol factory, the asyncio Server, if any, the context each of its
-    streams gets a copy of (None: a copy of the one current now), and for a TLS server
-    (sslcontext, ssl_handshake_timeout, ssl_shutdown_timeout)."""
-    cdef readonly object sock
-    cdef readonly object protocol_factory
-    cdef readonly object server
-    cdef readonly bint served
-    cdef readonly object context
-    cdef readonly tuple tls
-
-    def __cinit__(self, sock, protocol_factory, server, bint served, context=None,
-                  tuple tls=None):
-        self.sock, self.protocol_factory, self.server = sock, protocol_factory, server
-        self.served = served
-        self.context = PyContext_CopyCurrent() if context is None else context
-        self.tls = tls
-
-
-# final: the core is reached through self.core directly (no vtable), so the C compiler can
-# inline the hot path's small steps.
 cdef enum:
     GIL_HOLD_MS = 5     # CPython's default switch interval
 
@@ -80,6 +41,8 @@ cdef inline bint only_thread() noexcept:
             PyThreadState_Next(PyInterpreterState_ThreadHead(interp)) is NULL)
 
 
+# final: the core is reached through self.core directly (no vtable), so the C compiler can
+# inline the hot path's small steps.
 @cython.final
 cdef class Reactor:
     """A poller and the fd table of everything it watches."""
@@ -137,7 +100,7 @@ cdef class Reactor:
         self.sources = {}
         self.calls = _deque()
         self.holds_handles = True
-        _reactors.add(self)
+        _reactors.add(self)  # for the fork hook (reactor_hooks.pxi)
 
     def __dealloc__(self):
         cdef LoopCore *L = &self.core
@@ -628,66 +591,3 @@ cdef class Reactor:
             handle = ready.popleft()
             if not handle._cancelled:
                 handle._run()
-
-
-# Every reactor of this process, for the fork hook below.
-_reactors = _weakref.WeakSet()
-
-
-def _after_fork_in_child():
-    for reactor in list(_reactors):
-        (<Reactor>reactor).forked()
-
-
-_os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-# The table's references to the stream handles, shown to the garbage collector: a loop
-# dropped without close() is a cycle through them (reactor -> handle -> reactor, protocol,
-# loop) that it must see to free.  Cython writes tp_traverse and tp_clear for the object
-# attributes; these wrap them.
-cdef extern from "Python.h":
-    ctypedef int (*visitproc_t "visitproc")(PyObject *, void *) noexcept
-    ctypedef int (*traverseproc_t "traverseproc")(PyObject *, visitproc_t, void *) noexcept
-    ctypedef int (*inquiry_t "inquiry")(PyObject *) noexcept
-    ctypedef struct GCSlots "PyTypeObject":
-        traverseproc_t tp_traverse
-        inquiry_t tp_clear
-
-cdef GCSlots *_reactor_type = <GCSlots *><PyObject *>Reactor
-cdef traverseproc_t _traverse_attributes = _reactor_type.tp_traverse
-cdef inquiry_t _clear_attributes = _reactor_type.tp_clear
-
-
-cdef int traverse_reactor(PyObject *o, visitproc_t visit, void *arg) noexcept:
-    cdef Reactor R = <Reactor>o
-    cdef LoopCore *L = &R.core
-    cdef int fd, err = _traverse_attributes(o, visit, arg)
-    if err or not R.holds_handles:
-        return err
-    for fd in range(L.top):
-        if L.conns[fd].kind == K_STREAM and L.conns[fd].transport is not NULL:
-            err = visit(L.conns[fd].transport, arg)
-            if err:
-                return err
-    return 0
-
-
-cdef int clear_reactor(PyObject *o) noexcept:
-    """Breaks the cycle: the table lets go of its handles (their finalizers, which run
-    before any clear, have closed their streams)."""
-    cdef Reactor R = <Reactor>o
-    cdef LoopCore *L = &R.core
-    cdef PyObject *h
-    cdef int fd
-    if R.holds_handles:
-        R.holds_handles = False
-        for fd in range(L.top):
-            if L.conns[fd].kind == K_STREAM and L.conns[fd].transport is not NULL:
-                h, L.conns[fd].transport = L.conns[fd].transport, NULL
-                Py_XDECREF(h)
-    return _clear_attributes(o)
-
-
-_reactor_type.tp_traverse = traverse_reactor
-_reactor_type.tp_clear = clear_reactor

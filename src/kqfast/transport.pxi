@@ -1,10 +1,13 @@
 # The transport protocols see: a real asyncio.Transport (isinstance holds), each method one
 # call into its stream's StreamHandle (handle.pxi).  How a stream is born: accepted in C
 # from a listener (made), or adopted from a socket asyncio connected (adopt).
+import socket as _socket
 from asyncio import constants as _aio_constants
 from asyncio import futures as _aio_futures
 from asyncio import transports as _aio_transports
 
+from cpython.contextvars cimport (PyContext_Copy, PyContext_CopyCurrent, PyContext_Enter,
+                                  PyContext_Exit)
 from cpython.object cimport PyCFunction, PyMethodDef, PyTypeObject
 
 cdef extern from "Python.h":
@@ -15,12 +18,21 @@ cdef extern from "Python.h":
         METH_KEYWORDS
 
 
+# The stream's handle is kept in the first of _FlowControlMixin's slots (_loop), which holds
+# nothing else here: Transport's properties read the mixin's state from the stream.  A slot
+# of Transport's own for it would cost 8 bytes a transport, and 16 on Python 3.11, whose
+# layout pymalloc would then round up to 112 bytes instead of 96.
+# A mixin without that slot (the "streams" hook then names it) leaves Transport its own.
+_HANDLE_IN_MIXIN = type(vars(_aio_transports._FlowControlMixin).get("_loop")).__name__ == (
+    "member_descriptor")
+
+
 # _FlowControlMixin: what loop.sendfile()'s fallback checks for (and reads the state of).
 class Transport(_aio_transports._FlowControlMixin):
     """asyncio's transport over one kqfast stream; made by the loop, never by hand."""
     # A __dict__ as asyncio's transports have: code sets attributes on transports, tests
     # patch their methods (CPython's test_ssl patches write() with unittest.mock).
-    __slots__ = ("_h", "__weakref__", "__dict__")
+    __slots__ = ("__weakref__", "__dict__") + (() if _HANDLE_IN_MIXIN else ("_h",))
     _start_tls_compatible = True
     # loop.sendfile() writes through the transport (its native path needs a selector
     # transport's internals).
@@ -76,7 +88,7 @@ class Transport(_aio_transports._FlowControlMixin):
         h.check_thread()
         h.force_close(exc, False)
 
-    # _FlowControlMixin's state, read from the stream (its slots stay unused).
+    # _FlowControlMixin's state, read from the stream (its slots hold none of it).
     @property
     def _loop(self):
         return handle_of(self).reactor.loop
@@ -108,7 +120,7 @@ class Transport(_aio_transports._FlowControlMixin):
     @property
     def _sock(self):
         sock = self.__dict__.get("_sock")
-        return sock if sock is not None else handle_of(self).get_extra_info("socket", None)
+        return sock if sock is not None else extra_info(handle_of(self), "socket", None)
 
     @_sock.setter
     def _sock(self, sock):
@@ -130,7 +142,7 @@ class Transport(_aio_transports._FlowControlMixin):
     def get_extra_info(self, name, default=None):
         cdef StreamHandle h = handle_of(self)
         h.check_thread()
-        return h.get_extra_info(name, default)
+        return extra_info(h, name, default)
 
     def __repr__(self):
         cdef StreamHandle h = handle_of(self)
@@ -138,7 +150,8 @@ class Transport(_aio_transports._FlowControlMixin):
         return f"<kqfast.Transport fd={h.fd} {state}>"
 
 
-cdef Py_ssize_t T_HANDLE = slot_offset(Transport, "_h")
+cdef Py_ssize_t T_HANDLE = (slot_offset(_aio_transports._FlowControlMixin, "_loop")
+                            if _HANDLE_IN_MIXIN else slot_offset(Transport, "_h"))
 
 
 # The two methods every protocol and stream calls all the time, as C methods of the class
@@ -217,10 +230,16 @@ cdef StreamHandle new_handle(Reactor R, int fd, protocol, server, dict extra, co
     table has taken nothing."""
     cdef StreamHandle h = StreamHandle.__new__(StreamHandle)
     cdef Conn *c
-    t = Transport.__new__(Transport)
-    t._h = h
+    # As Transport's tp_alloc makes it (zeroed, GC-tracked: handles.pxi makes asyncio's
+    # Handles so), without object.__new__'s eager values for the __dict__ (3.11, 3.12): the
+    # dict is made when first used, and most transports never have one.
+    t = <object>PyType_GenericAlloc(<PyTypeObject *>Transport, 0)
+    Py_DECREF(t)  # the allocation's reference, now held by the variable
+    slot_set(t, T_HANDLE, h)
     h.transport = t
-    h.reactor, h.fd, h.server, h.extra = R, fd, server, extra
+    h.reactor, h.fd, h.server = R, fd, server
+    if extra is not None:
+        h.rare_state().extra = extra
     h.context = context
     if server is not None:
         if _ATTACH_TAKES_TRANSPORT:
@@ -229,8 +248,8 @@ cdef StreamHandle new_handle(Reactor R, int fd, protocol, server, dict extra, co
             server._attach()
     c = &R.core.conns[fd]
     h.gen = c.gen
-    h.high_water, h.low_water = R.core.high_water, R.core.low_water
-    c.low_water = <uint32_t>min(h.low_water, 0xFFFFFFFF)
+    h.high_water = R.core.high_water
+    c.low_water = <uint32_t>min(R.core.low_water, 0xFFFFFFFF)
     if R.holds_handles:
         Py_INCREF(h)
     c.transport = <PyObject *>h
@@ -315,9 +334,9 @@ def adopt(Reactor R, sock, protocol, waiter, extra, server, context):
         close_entry(&R.core, fd)
         R.core.n_current -= 1
         raise
-    h.sock = sock
-    h.get_extra_info("sockname", None)  # asyncio's transports learn their names at once
-    h.get_extra_info("peername", None)
+    h.rare_state().sock = sock
+    extra_info(h, "sockname", None)  # asyncio's transports learn their names at once
+    extra_info(h, "peername", None)
     R.loop.call_soon(_start_adopted, h, waiter, context=context)
     return h.transport
 
