@@ -201,3 +201,40 @@ def test_kqfast_echo_tls_errors_are_one_line(tmp_path, tls_files):
                                      str(key))
     assert result.returncode == 1 and result.stderr.startswith(
         f"kqfast-echo: cannot load --tls-cert {key}")
+
+
+def test_a_line_protocol_over_tls_gets_its_lines(serve, tls):
+    """kqfast.LineProtocol on a TLS server: the same lines as over TCP (framed from the
+    plaintext), the last one without its newline before eof_received(), and a line over
+    max_line ends the connection."""
+    seen = []
+
+    class Lines(kqfast.LineProtocol):
+        def connection_made(self, transport):
+            self.transport = transport
+
+        def line_received(self, line):
+            seen.append(line)
+            if line.endswith(b"\n"):  # (not the last one, which comes after close_notify)
+                self.transport.write(line.upper())
+
+        def eof_received(self):
+            seen.append("eof")
+
+        def connection_lost(self, exc):
+            seen.append(type(exc).__name__ if exc else None)
+
+    server = serve(Lines, ssl=tls[0], max_line=100)
+    with tls_client(tls[1], server.address) as sock:
+        sock.sendall(b"one\ntw")
+        sock.sendall(b"o\r\nthree")
+        echoed = b""
+        while len(echoed) < 9:
+            echoed += sock.recv(100)
+        assert echoed == b"ONE\nTWO\r\n"
+        sock.unwrap()  # close_notify: the stream's EOF
+    with tls_client(tls[1], server.address) as sock:
+        sock.sendall(b"x" * 200)
+        assert read_to_close_notify(sock) == b""
+    assert seen[:5] == [b"one\n", b"two\r\n", b"three", "eof", None]
+    assert seen[5:] == ["OSError"]

@@ -185,7 +185,8 @@ _SSL_EXTENDED = {"connection_made": ("transport",), "connection_lost": ("exc",),
                  "_pause_reading": (), "_resume_reading": (), "pause_writing": (),
                  "resume_writing": (), "_set_write_buffer_limits": ("high", "low"),
                  "_set_read_buffer_limits": ("high", "low"),
-                 "_write_appdata": ("list_of_data",), "_fatal_error": ("exc", "message")}
+                 "_write_appdata": ("list_of_data",), "_fatal_error": ("exc", "message"),
+                 "_call_eof_received": ()}
 
 
 def _tls_engine() -> str:

@@ -6,7 +6,8 @@ import collections
 import contextvars
 import selectors
 import socket
-from asyncio import transports
+import ssl
+from asyncio import sslproto, transports
 from collections.abc import Callable, Coroutine, Iterable
 from types import TracebackType
 from typing import Any, Literal, final
@@ -77,8 +78,11 @@ def _listen_fd(host: str, port: int, backlog: int, reuse_port: bool) -> tuple[in
 class LineProtocol(asyncio.Protocol):
     """An asyncio.Protocol whose input is framed into lines in C."""
 
+    max_line: int
     def line_received(self, line: bytes) -> None:
         """Each complete line with its b"\\n" (and a last line without one at EOF)."""
+    def data_received(self, data: bytes) -> None: ...
+    def _kq_end_of_input(self) -> None: ...
 
 class Transport(transports._FlowControlMixin):
     """asyncio's transport over one kqfast stream; made by the loop, handed to the protocol's
@@ -128,6 +132,8 @@ class Source:
     def served(self) -> bool: ...
     @property
     def context(self) -> contextvars.Context | None: ...
+    @property
+    def tls(self) -> tuple[ssl.SSLContext, float | None, float | None] | None: ...
     def __new__(
         cls,
         sock: socket.socket | None,
@@ -135,6 +141,7 @@ class Source:
         server: asyncio.Server | None,
         served: bool,
         context: contextvars.Context | None = None,
+        tls: tuple[ssl.SSLContext, float | None, float | None] | None = None,
     ) -> Self: ...
 
 @final
@@ -168,6 +175,7 @@ class Reactor:
         idle_timeout: float,
         linger_timeout: float,
         max_connections: float,
+        ssl: ssl.SSLContext | None = None,
     ) -> None: ...
     def add_listener(self, sock: socket.socket, source: Source) -> None: ...
     def remove_listener(self, fd: int) -> None: ...
@@ -201,6 +209,24 @@ class KqSelector(selectors._BaseSelectorImpl):
 
     def __init__(self, reactor: Reactor) -> None: ...
     def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]: ...
+
+def tls_engine() -> str | None:
+    """None when the TLS engine runs here, else why not."""
+
+def tls_library() -> str | None:
+    """The OpenSSL the engine calls, by its version string."""
+
+@final
+class TlsLink:
+    """One asyncio SSLProtocol tied to the core (internal)."""
+
+    def deliver_held(self, protocol: asyncio.BaseProtocol) -> None: ...
+
+class CoreSSLProtocol(sslproto.SSLProtocol):
+    """asyncio's SSLProtocol on a core stream (internal: instances are upgraded in place)."""
+
+class CoreSSLTransport(sslproto._SSLProtocolTransport):
+    """asyncio's SSL app transport on a core stream (internal)."""
 
 def monotonic() -> float:
     """The loop's clock: CLOCK_MONOTONIC, as time.monotonic()."""

@@ -16,8 +16,31 @@ class LineProtocol(_asyncio.Protocol):
     each complete line with its b"\\n" (and a last line without one at EOF).  A line longer
     than the server's max_line closes the connection."""
 
+    max_line = 65536
+
     def line_received(self, line):
         pass
+
+    def data_received(self, data):
+        """Bytes of a stream the core does not frame (a TLS stream's plaintext, which
+        asyncio's SSL layer hands over, or a stream of another event loop's), framed here by
+        the same rules.  A line over max_line fails the stream (EMSGSIZE)."""
+        partial = self.__dict__.pop("_kq_partial", b"")
+        start = 0
+        while (end := data.find(b"\n", start)) >= 0:
+            self.line_received(partial + data[start:end + 1])
+            partial, start = b"", end + 1
+        rest = partial + data[start:]
+        if len(rest) > self.max_line:
+            raise OSError(EMSGSIZE, f"a line longer than max_line ({self.max_line} bytes)")
+        if rest:
+            self._kq_partial = rest
+
+    def _kq_end_of_input(self):
+        """EOF on a stream this framed: its last line without a newline comes first."""
+        partial = self.__dict__.pop("_kq_partial", b"")
+        if partial:
+            self.line_received(partial)
 
 
 cdef object _protocol_method(protocol, str name):

@@ -124,5 +124,6 @@ cdef extern from "<errno.h>" nogil:
         ENOMEM
         ECONNABORTED
         EPROTO
+        EMSGSIZE
         ETIMEDOUT
         EADDRNOTAVAIL

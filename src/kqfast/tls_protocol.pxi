@@ -5,6 +5,7 @@
 # be changed), and its app transport likewise to CoreSSLTransport.  The added methods are
 # asyncio's own, each followed by a sync of the link (tls_link.pxi) where that step may
 # change what the core needs to know; the per-record work is the link's.
+import inspect as _inspect
 from functools import partial as _partial
 
 cdef object _SSLProtocol = _sslproto.SSLProtocol
@@ -79,6 +80,16 @@ class CoreSSLProtocol(_SSLProtocol):
         _SSLProtocol._do_write(self)
         _sync(self)
 
+    def _call_eof_received(self):
+        # A LineProtocol's last line without a newline comes before its eof_received().
+        if isinstance(self._app_protocol, LineProtocol):
+            try:
+                self._app_protocol._kq_end_of_input()
+            except Exception as exc:
+                self._fatal_error(exc, "Error calling eof_received()")
+                return
+        _SSLProtocol._call_eof_received(self)
+
     def _do_read(self):
         # Plaintext the core decrypted before the app paused reading goes first.
         link = self.__dict__.get("_kq_link")
@@ -111,6 +122,7 @@ def _loop_thread_only(name):
         return method(self, *args, **kwargs)
     guarded.__name__, guarded.__qualname__ = name, f"CoreSSLTransport.{name}"
     guarded.__doc__ = method.__doc__
+    guarded.__signature__ = _inspect.signature(method)  # asyncio's, for help() and checkers
     return guarded
 
 

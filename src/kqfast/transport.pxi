@@ -282,6 +282,8 @@ cdef start_made(Reactor R, Record *r, Source source, context):
         protocol = source.protocol_factory()
         stream_protocol = protocol if source.tls is None else tls_server_protocol(
             R.loop, protocol, source.tls)
+        if source.tls is not None and isinstance(protocol, LineProtocol):
+            protocol.max_line = L.max_line  # (it frames a TLS stream's lines itself)
         h = new_handle(R, r.fd, stream_protocol, source.server, None, context)
     except (SystemExit, KeyboardInterrupt):
         close_now(L, r.fd, True)
