@@ -210,8 +210,11 @@ class KqSelector(selectors._BaseSelectorImpl):
     def __init__(self, reactor: Reactor) -> None: ...
     def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]: ...
 
+def native_tls() -> str | None:
+    """None when native handlers can serve TLS here, else why not."""
+
 def tls_engine() -> str | None:
-    """None when the TLS engine runs here, else why not."""
+    """None when the TLS engine runs TLS on kqfast.Loop here, else why not."""
 
 def tls_library() -> str | None:
     """The OpenSSL the engine calls, by its version string."""
@@ -225,8 +228,11 @@ class TlsLink:
 class CoreSSLProtocol(sslproto.SSLProtocol):
     """asyncio's SSLProtocol on a core stream (internal: instances are upgraded in place)."""
 
-class CoreSSLTransport(sslproto._SSLProtocolTransport):
-    """asyncio's SSL app transport on a core stream (internal)."""
+class LoopThreadSSLTransport(sslproto._SSLProtocolTransport):
+    """asyncio's SSL app transport on a core stream, refusing other threads (internal)."""
+
+class CoreSSLTransport(LoopThreadSSLTransport):
+    """The engine's SSL app transport on a core stream (internal)."""
 
 def monotonic() -> float:
     """The loop's clock: CLOCK_MONOTONIC, as time.monotonic()."""

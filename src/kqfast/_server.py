@@ -17,7 +17,7 @@ from typing import Any, Callable, Tuple, TypedDict, Union
 
 from kqfast import _arguments
 from kqfast._addresses import Address, bind_each, check_port_free, resolve
-from kqfast._core import ECHO, LINE_ECHO, NativeHandler, Reactor, Source, _listen_fd, tls_engine
+from kqfast._core import ECHO, LINE_ECHO, NativeHandler, Reactor, Source, _listen_fd, native_tls
 from kqfast.loop import Loop
 
 _log = logging.getLogger("kqfast")
@@ -121,8 +121,8 @@ class Server:
             raise TypeError(f"handler must be kqfast.ECHO, kqfast.LINE_ECHO or a protocol "
                             f"factory, not {handler!r}")
         ssl = _arguments.server_tls(ssl, native)
-        if ssl is not None and native and tls_engine() is not None:
-            raise RuntimeError(f"native handlers cannot serve TLS here: {tls_engine()}")
+        if ssl is not None and native and native_tls() is not None:
+            raise RuntimeError(f"native handlers cannot serve TLS here: {native_tls()}")
         name = _arguments.host(host, every_interface=True)
         port = _arguments.port(port)
         workers = _arguments.integer("workers", workers, 1, _arguments.MAX_COUNT)

@@ -38,17 +38,27 @@ cdef enum:
     S_SHUTDOWN = 4
 
 cdef dict _STATES = {}
-cdef object _tls_why = "not checked yet"     # None once the engine may be used
+cdef object _native_why = "not checked yet"  # None once OpenSSL may be called from C
+cdef object _engine_why = "not checked yet"  # None once the loop's engine may be used
+
+
+def native_tls():
+    """None when native handlers can serve TLS on this interpreter, else why not (checked
+    once: OpenSSL's functions reached through _ssl, and Python's ssl objects where kqfast
+    reads them).  asyncio's SSLProtocol plays no part in them."""
+    global _native_why
+    if _native_why == "not checked yet":
+        _native_why = _openssl_probe()
+    return _native_why
 
 
 def tls_engine():
-    """None when kqfast's TLS engine runs on this interpreter, else why not (checked once:
-    OpenSSL's functions reached through _ssl, and Python's ssl objects where kqfast reads
-    them)."""
-    global _tls_why
-    if _tls_why == "not checked yet":
-        _tls_why = _tls_probe()
-    return _tls_why
+    """None when kqfast's TLS engine runs TLS on kqfast.Loop here, else why not: what
+    native_tls() needs, and an asyncio SSLProtocol as kqfast was written for."""
+    global _engine_why
+    if _engine_why == "not checked yet":
+        _engine_why = _engine_probe()
+    return _engine_why
 
 
 def tls_library():
@@ -56,11 +66,7 @@ def tls_library():
     return kq_tls_library_version().decode() if kq_tls_loaded() else None
 
 
-cdef object _tls_probe():
-    cdef char why[256]
-    cdef bytes path
-    cdef SSL *ssl
-    cdef BIO *rbio
+cdef object _engine_probe():
     if _os.environ.get("KQFAST_TLS_ENGINE") == "asyncio":
         return "KQFAST_TLS_ENGINE=asyncio asks for asyncio's own"
     from kqfast import _asyncio_hooks  # (a module of the package this one is part of)
@@ -68,6 +74,20 @@ cdef object _tls_probe():
         return "Python 3.10's asyncio has an older SSLProtocol, which the engine does not drive"
     if not _asyncio_hooks.usable("tls engine"):
         return f"this Python's asyncio SSLProtocol {_asyncio_hooks.mismatch('tls engine')}"
+    if native_tls() is not None:
+        return native_tls()
+    for state in _sslproto.SSLProtocolState:
+        _STATES[state] = {"UNWRAPPED": S_UNWRAPPED, "DO_HANDSHAKE": S_DO_HANDSHAKE,
+                          "WRAPPED": S_WRAPPED, "FLUSHING": S_FLUSHING,
+                          "SHUTDOWN": S_SHUTDOWN}[state.name]
+    return None
+
+
+cdef object _openssl_probe():
+    cdef char why[256]
+    cdef bytes path
+    cdef SSL *ssl
+    cdef BIO *rbio
     # _ssl built into the interpreter has no file: its OpenSSL is then the program's.
     path = _os.fsencode(_ssl.__file__) if hasattr(_ssl, "__file__") else None
     if kq_tls_load(NULL if path is None else <const char *>path,
@@ -88,17 +108,13 @@ cdef object _tls_probe():
     incoming.write(b"kqfast")
     if kq_tls_bio_pending(rbio) != 6:
         return "ssl.MemoryBIO's BIO does not behave as kqfast expects"
-    for state in _sslproto.SSLProtocolState:
-        _STATES[state] = {"UNWRAPPED": S_UNWRAPPED, "DO_HANDSHAKE": S_DO_HANDSHAKE,
-                          "WRAPPED": S_WRAPPED, "FLUSHING": S_FLUSHING,
-                          "SHUTDOWN": S_SHUTDOWN}[state.name]
     return None
 
 
 cdef SSL_CTX *context_ctx(context) except NULL:
     """The SSL_CTX of an ssl.SSLContext, for a native server."""
-    if tls_engine() is not None:
-        raise RuntimeError(f"kqfast's TLS engine cannot run here: {tls_engine()}")
+    if native_tls() is not None:
+        raise RuntimeError(f"kqfast cannot call OpenSSL here: {native_tls()}")
     if not isinstance(context, _ssl._SSLContext):
         raise TypeError(f"ssl must be an ssl.SSLContext, not {type(context).__name__}")
     return kq_context_ctx(context)

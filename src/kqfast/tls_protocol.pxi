@@ -102,10 +102,15 @@ class CoreSSLProtocol(_SSLProtocol):
         _SSLProtocol._do_read(self)
 
 
-class CoreSSLTransport(_SSLProtocolTransport):
-    """asyncio's SSL app transport, whose write() encrypts in C (set below), and whose
-    methods refuse other threads than the loop's (RuntimeError): the SSL object they work on
-    is the core's too."""
+class LoopThreadSSLTransport(_SSLProtocolTransport):
+    """asyncio's SSL app transport over a core stream, whose methods refuse other threads
+    than the loop's (RuntimeError), as the core stream's own do: where the engine does not
+    run, asyncio's SSLProtocol works the core stream from whichever thread calls."""
+
+
+class CoreSSLTransport(LoopThreadSSLTransport):
+    """The engine's SSL app transport: write() encrypts in C (set below); the SSL object
+    its methods work on is the core's too."""
 
     def _test__append_write_backlog(self, data):
         _SSLProtocolTransport._test__append_write_backlog(self, data)
@@ -119,18 +124,20 @@ def _loop_thread_only(name):
         link = self.__dict__.get("_kq_link")
         if link is not None:
             (<TlsLink>link).check_thread()
+        elif type(self._ssl_protocol._transport) is Transport:
+            handle_in(self._ssl_protocol._transport).check_thread()
         return method(self, *args, **kwargs)
-    guarded.__name__, guarded.__qualname__ = name, f"CoreSSLTransport.{name}"
+    guarded.__name__, guarded.__qualname__ = name, f"LoopThreadSSLTransport.{name}"
     guarded.__doc__ = method.__doc__
     guarded.__signature__ = _inspect.signature(method)  # asyncio's, for help() and checkers
     return guarded
 
 
-for _name in ("writelines", "close", "abort", "pause_reading", "resume_reading",
+for _name in ("write", "writelines", "close", "abort", "pause_reading", "resume_reading",
               "set_write_buffer_limits", "get_write_buffer_size", "set_read_buffer_limits",
               "get_read_buffer_size", "set_protocol"):
     if hasattr(_SSLProtocolTransport, _name):  # (3.10's has no read-buffer limits)
-        setattr(CoreSSLTransport, _name, _loop_thread_only(_name))
+        setattr(LoopThreadSSLTransport, _name, _loop_thread_only(_name))
 
 
 cdef PyMethodDef _TLS_WRITE = PyMethodDef(
@@ -145,11 +152,15 @@ _FLUSHING = getattr(getattr(_sslproto, "SSLProtocolState", None), "FLUSHING", No
 
 cdef upgrade_tls(protocol):
     """asyncio's SSLProtocol becomes a core stream's protocol: it and its app transport
-    take the engine's classes, and a link that attaches at connection_made()."""
-    if type(protocol) is not _SSLProtocol or tls_engine() is not None:
+    take the engine's classes, and a link that attaches at connection_made() (where the
+    engine does not run, the app transport still refuses other threads)."""
+    if type(protocol) is not _SSLProtocol:
         return
     app = protocol._app_transport
     if type(app) is not _SSLProtocolTransport:
+        return
+    if tls_engine() is not None:
+        app.__class__ = LoopThreadSSLTransport
         return
     protocol.__class__ = CoreSSLProtocol
     app.__class__ = CoreSSLTransport
