@@ -109,6 +109,13 @@ def throughput_table(results: dict) -> list[str]:
     return _table(header, rows)
 
 
+def _unmeasured_row(label: str, m: dict | None, width: int) -> list[str]:
+    """A table row for a server with nothing measured: why (its first failure), if known."""
+    why = "failed: " + m["failed"][0][-120:].replace("|", "/").replace("\n", " ") \
+        if m and m["failed"] else "not measured"
+    return [label, why] + [""] * (width - 2)
+
+
 def load_table(results: dict, workload: str) -> list[str]:
     header = ["server", "req/s", "p50 µs", "p90 µs", "p99 µs", "p99.9 µs", "instr/req",
               "syscalls/req", "CPU ns/req", "tick user µs/req", "tick sys µs/req",
@@ -117,9 +124,7 @@ def load_table(results: dict, workload: str) -> list[str]:
     for key, label in results["servers"].items():
         m = results["load"].get(workload, {}).get(key)
         if m is None or not (m["rounds"] or m["callgrind_rounds"]):
-            why = "failed: " + m["failed"][0][-120:].replace("|", "/").replace("\n", " ") \
-                if m and m["failed"] else "not measured"
-            rows.append([label, why] + [""] * (len(header) - 2))
+            rows.append(_unmeasured_row(label, m, len(header)))
             continue
         client = None if m["client_user_us"] is None else m["client_user_us"] + (
             m["client_system_us"] or 0)
@@ -139,9 +144,7 @@ def http_table(results: dict) -> list[str]:
     for key, label in results["http_servers"].items():
         m = results["http"].get(key)
         if m is None or not (m["rounds"] or m["callgrind_rounds"]):
-            why = "failed: " + m["failed"][0][-120:].replace("|", "/").replace("\n", " ") \
-                if m and m["failed"] else "not measured"
-            rows.append([label, why] + [""] * (len(header) - 2))
+            rows.append(_unmeasured_row(label, m, len(header)))
             continue
         rows.append([label, _num(m["requests_per_second"], 0), _num(m["p50"], 0),
                      _num(m["p99"], 0), _num(m["p99.9"], 0),
@@ -161,9 +164,7 @@ def tls_table(results: dict, workload: str) -> list[str]:
     for key, label in results.get("tls_servers", {}).items():
         m = results["tls"].get(workload, {}).get(key)
         if m is None or not (m["rounds"] or m["callgrind_rounds"]):
-            why = "failed: " + m["failed"][0][-120:].replace("|", "/").replace("\n", " ") \
-                if m and m["failed"] else "not measured"
-            rows.append([label, why] + [""] * (len(header) - 2))
+            rows.append(_unmeasured_row(label, m, len(header)))
             continue
         rows.append([label, _num(m["requests_per_second"], 0), _num(m["p50"], 0),
                      _num(m["p99"], 0), _fig("instructions", m["instructions"]),

@@ -7,6 +7,7 @@ import re
 import resource
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import sys
@@ -439,3 +440,21 @@ def serve_forever_in_thread(server) -> tuple[threading.Thread, list[BaseExceptio
     thread = threading.Thread(target=run)
     thread.start()
     return thread, raised
+
+
+def memory_bio_client(context: ssl.SSLContext, address) -> tuple[
+        socket.socket, ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO]:
+    """A client that does TLS by hand over a blocking socket, verifying the server as
+    localhost: (sock, sslobj, incoming, outgoing), handshake done."""
+    sock = socket.create_connection(address, timeout=10)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    sslobj = context.wrap_bio(incoming, outgoing, server_hostname="localhost")
+    while True:
+        try:
+            sslobj.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            sock.sendall(outgoing.read())
+            incoming.write(sock.recv(65536))
+    sock.sendall(outgoing.read())
+    return sock, sslobj, incoming, outgoing

@@ -24,7 +24,7 @@ import pytest
 
 import kqfast
 from support import (
-    connect_to, new_fds, open_fds, recv_exactly, recv_until_closed, server_fd, wait_until,
+    connect_to, new_fds, open_fds, recv_exactly, recv_until_closed, server_fd,
 )
 from test_reliability import CHILD_PRELUDE
 

@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import kqfast
+from support import memory_bio_client
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -120,6 +121,20 @@ class Served(list):
         return self[0]
 
 
+async def tls_client(server, tls):
+    """A TLS client of server, which it verifies as localhost: (transport, Collect)."""
+    return await asyncio.get_running_loop().create_connection(
+        Collect, *server.sockets[0].getsockname(), ssl=tls[1], server_hostname="localhost")
+
+
+async def close_all(transport, client, server):
+    """Closes the client's transport, waits for its connection_lost(), then the server."""
+    transport.close()
+    await client.lost
+    server.close()
+    await server.wait_closed()
+
+
 async def tls_echo_server(tls):
     served = Served()
     server = await asyncio.get_running_loop().create_server(served.make, "127.0.0.1", 0,
@@ -144,8 +159,7 @@ def test_records_are_read_and_written_by_the_core(tls):
 
     async def main():
         server, served = await tls_echo_server(tls)
-        transport, client = await asyncio.get_running_loop().create_connection(
-            Collect, *server.sockets[0].getsockname(), ssl=tls[1], server_hostname="localhost")
+        transport, client = await tls_client(server, tls)
         transport.write(b"x")  # a first round trip: both handshakes are over
         await client.wait(1)
         spy(transport.get_extra_info("ssl_object"))
@@ -155,10 +169,7 @@ def test_records_are_read_and_written_by_the_core(tls):
             await client.wait(i * (i + 1) // 2)
         steady.extend(calls)
         assert type(transport._ssl_protocol._transport) is kqfast.Transport
-        transport.close()
-        await client.lost
-        server.close()
-        await server.wait_closed()
+        await close_all(transport, client, server)
 
     steady = []
     on_kqfast(main)
@@ -211,14 +222,10 @@ def test_a_tls_server_accepts_in_c_without_a_task_per_connection(tls):
     async def main():
         loop = asyncio.get_running_loop()
         server = await loop.create_server(Watch, "127.0.0.1", 0, ssl=tls[0])
-        transport, client = await loop.create_connection(
-            Collect, *server.sockets[0].getsockname(), ssl=tls[1], server_hostname="localhost")
+        transport, client = await tls_client(server, tls)
         transport.write(b"ping")
         await client.wait(4)
-        transport.close()
-        await client.lost
-        server.close()
-        await server.wait_closed()
+        await close_all(transport, client, server)
         return len(seen["accept tasks"])
 
     assert on_each_loop(main) == {"asyncio": 1, "kqfast": 0}
@@ -330,7 +337,6 @@ def test_flow_control_is_asyncios(tls):
     payload = os.urandom(8 << 20)
 
     async def main():
-        loop = asyncio.get_running_loop()
         gate = asyncio.Event()
 
         async def slow_reader(reader, writer):
@@ -340,8 +346,7 @@ def test_flow_control_is_asyncios(tls):
             writer.close()
 
         server = await asyncio.start_server(slow_reader, "127.0.0.1", 0, ssl=tls[0])
-        transport, client = await loop.create_connection(
-            Collect, *server.sockets[0].getsockname(), ssl=tls[1], server_hostname="localhost")
+        transport, client = await tls_client(server, tls)
         for at in range(0, len(payload), 1 << 16):
             transport.write(payload[at:at + (1 << 16)])
         paused = list(client.events)
@@ -364,8 +369,7 @@ def test_plaintext_decrypted_before_a_pause_waits_for_the_resume(tls):
     async def main():
         loop = asyncio.get_running_loop()
         server, served = await tls_echo_server(tls)
-        transport, client = await loop.create_connection(
-            Collect, *server.sockets[0].getsockname(), ssl=tls[1], server_hostname="localhost")
+        transport, client = await tls_client(server, tls)
         transport.write(b"first")
         await client.wait(5)
         served[0].transport.write(b"second")
@@ -375,10 +379,7 @@ def test_plaintext_decrypted_before_a_pause_waits_for_the_resume(tls):
         while_paused = bytes(client.data)
         transport.resume_reading()
         await client.wait(11)
-        transport.close()
-        await client.lost
-        server.close()
-        await server.wait_closed()
+        await close_all(transport, client, server)
         return while_paused, bytes(client.data)
 
     results = on_each_loop(main)
@@ -388,10 +389,8 @@ def test_plaintext_decrypted_before_a_pause_waits_for_the_resume(tls):
 @pytest.mark.parametrize("closer", ["client", "server"])
 def test_close_notify_both_ways(tls, closer):
     async def main():
-        loop = asyncio.get_running_loop()
         server, served = await tls_echo_server(tls)
-        transport, client = await loop.create_connection(
-            Collect, *server.sockets[0].getsockname(), ssl=tls[1], server_hostname="localhost")
+        transport, client = await tls_client(server, tls)
         transport.write(b"bye")
         await client.wait(3)
         (transport if closer == "client" else served[0].transport).close()
@@ -426,23 +425,6 @@ def test_a_failed_handshake_raises_what_asyncio_raises(tls):
     assert results["kqfast"][1] == "CERTIFICATE_VERIFY_FAILED"
 
 
-def raw_tls_client(context, address):
-    """A client that does TLS by hand over a blocking socket: (sock, sslobj, incoming,
-    outgoing), handshake done."""
-    sock = socket.create_connection(address, timeout=10)
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    sslobj = context.wrap_bio(incoming, outgoing, server_hostname="localhost")
-    while True:
-        try:
-            sslobj.do_handshake()
-            break
-        except ssl.SSLWantReadError:
-            sock.sendall(outgoing.read())
-            incoming.write(sock.recv(65536))
-    sock.sendall(outgoing.read())
-    return sock, sslobj, incoming, outgoing
-
-
 def test_a_corrupt_record_fails_the_stream_as_asyncio_does(tls):
     """A record whose last byte is flipped: connection_lost() gets ssl's error, of the same
     class, reason and library as asyncio's (the message names kqfast where _ssl names its own
@@ -451,7 +433,7 @@ def test_a_corrupt_record_fails_the_stream_as_asyncio_does(tls):
         server, served = await tls_echo_server(tls)
         address = server.sockets[0].getsockname()
         loop = asyncio.get_running_loop()
-        sock, sslobj, _, outgoing = await loop.run_in_executor(None, raw_tls_client, tls[1],
+        sock, sslobj, _, outgoing = await loop.run_in_executor(None, memory_bio_client, tls[1],
                                                                address)
         sslobj.write(b"tampered")
         record = bytearray(outgoing.read())
@@ -479,7 +461,7 @@ def test_records_split_anywhere_come_out_whole(tls, cuts, sizes):
         server, _ = await tls_echo_server(tls)
         loop = asyncio.get_running_loop()
         sock, sslobj, incoming, outgoing = await loop.run_in_executor(
-            None, raw_tls_client, tls[1], server.sockets[0].getsockname())
+            None, memory_bio_client, tls[1], server.sockets[0].getsockname())
         for message in messages:
             sslobj.write(message)
         wire, pieces, at = outgoing.read(), [], 0
@@ -524,7 +506,7 @@ def test_a_reset_in_the_middle_ends_only_that_stream(tls, when):
                 hello.do_handshake()
             sock.sendall(outgoing.read()[:50])  # half a ClientHello
         else:
-            sock, sslobj, _, outgoing = await loop.run_in_executor(None, raw_tls_client,
+            sock, sslobj, _, outgoing = await loop.run_in_executor(None, memory_bio_client,
                                                                    tls[1], address)
             sslobj.write(b"z" * 5000)
             sock.sendall(outgoing.read()[:2000])
@@ -538,10 +520,7 @@ def test_a_reset_in_the_middle_ends_only_that_stream(tls, when):
             Collect, *address, ssl=tls[1], server_hostname="localhost")
         transport.write(b"still here")
         await client.wait(10)
-        transport.close()
-        await client.lost
-        server.close()
-        await server.wait_closed()
+        await close_all(transport, client, server)
         return type(exc).__name__, protocol.events
 
     results = on_each_loop(main)
@@ -566,10 +545,7 @@ def test_extra_info_is_asyncios(tls):
                  transport.get_extra_info("sslcontext") is client_ctx,
                  transport.get_extra_info("peername") == server.sockets[0].getsockname(),
                  type(transport.get_extra_info("socket")).__name__)
-        transport.close()
-        await client.lost
-        server.close()
-        await server.wait_closed()
+        await close_all(transport, client, server)
         return facts
 
     try:
@@ -594,14 +570,10 @@ def test_an_sni_callback_runs_during_the_handshake(tls):
     async def main():
         loop = asyncio.get_running_loop()
         server = await loop.create_server(Echo, "127.0.0.1", 0, ssl=server_ctx)
-        transport, client = await loop.create_connection(
-            Collect, *server.sockets[0].getsockname(), ssl=tls[1], server_hostname="localhost")
+        transport, client = await tls_client(server, tls)
         transport.write(b"sni")
         await client.wait(3)
-        transport.close()
-        await client.lost
-        server.close()
-        await server.wait_closed()
+        await close_all(transport, client, server)
         return bytes(client.data)
 
     assert on_each_loop(main) == {"asyncio": b"sni", "kqfast": b"sni"}
@@ -611,8 +583,7 @@ def test_an_sni_callback_runs_during_the_handshake(tls):
 def test_a_tls_transport_refuses_other_threads(tls):
     async def main():
         server, _ = await tls_echo_server(tls)
-        transport, client = await asyncio.get_running_loop().create_connection(
-            Collect, *server.sockets[0].getsockname(), ssl=tls[1], server_hostname="localhost")
+        transport, client = await tls_client(server, tls)
         errors = []
 
         def misuse():
@@ -628,10 +599,7 @@ def test_a_tls_transport_refuses_other_threads(tls):
         await asyncio.get_running_loop().run_in_executor(None, thread.join)
         transport.write(b"ok")
         await client.wait(2)
-        transport.close()
-        await client.lost
-        server.close()
-        await server.wait_closed()
+        await close_all(transport, client, server)
         return errors, bytes(client.data)
 
     errors, data = on_kqfast(main)

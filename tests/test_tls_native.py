@@ -9,12 +9,13 @@ import signal
 import socket
 import ssl
 import subprocess
+import threading
 from asyncio import sslproto
 
 import pytest
 
 import kqfast
-from support import run_echo_expecting_exit
+from support import memory_bio_client, run_echo_expecting_exit
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -37,16 +38,7 @@ def exchange(context, address, payload: bytes) -> tuple[bytes, bool]:
     """Sends payload over TLS and reads the echo, in one thread (an ssl object is not for two
     at once): the records go out as the socket takes them while the echo comes back.  Then
     close_notify; returns (the echo, whether the server's close_notify came)."""
-    sock = socket.create_connection(address, timeout=10)
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    tls = context.wrap_bio(incoming, outgoing, server_hostname="localhost")
-    while True:
-        try:
-            tls.do_handshake()
-            break
-        except ssl.SSLWantReadError:
-            sock.sendall(outgoing.read())
-            incoming.write(sock.recv(65536))
+    sock, tls, incoming, outgoing = memory_bio_client(context, address)
     tls.write(payload)
     wire, echoed, closed = memoryview(outgoing.read()), bytearray(), False
     sock.setblocking(False)
@@ -227,7 +219,10 @@ def test_a_line_protocol_over_tls_gets_its_lines(serve, tls):
 
         def connection_lost(self, exc):
             seen.append(type(exc).__name__ if exc else None)
+            if exc is not None:
+                failed.set()
 
+    failed = threading.Event()
     server = serve(Lines, ssl=tls[0], max_line=100)
     with tls_client(tls[1], server.address) as sock:
         sock.sendall(b"one\ntw")
@@ -244,5 +239,6 @@ def test_a_line_protocol_over_tls_gets_its_lines(serve, tls):
     with tls_client(tls[1], server.address) as sock:
         sock.sendall(b"x" * 200)
         assert read_to_close_notify(sock) == b""
+    assert failed.wait(10)  # (the client may see the close before the server's callback)
     ended = [b"three", "eof", None] if modern_sslproto else [None]
     assert seen == [b"one\n", b"two\r\n", *ended, "OSError"]

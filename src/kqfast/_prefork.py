@@ -8,7 +8,6 @@ import collections
 import os
 import signal
 import socket
-import sys
 import threading
 import time
 from typing import Callable
