@@ -30,10 +30,11 @@ __version__ = "0.2.0.dev0"
 
 TLS_ENGINE = (f"kqfast: {_tls_library()} called from C" if _tls_engine() is None else
               f"asyncio SSLProtocol over the core ({_tls_engine()})")
-"""What runs TLS (ssl=, start_tls) on kqfast.Loop, and kqfast.Server's: kqfast's engine
-(records read and written in C through the interpreter's own OpenSSL, asyncio's SSLProtocol
-as the state machine), or where it cannot run, asyncio's own SSLProtocol over a core
-stream, with the reason."""
+"""What runs TLS (ssl=, start_tls) on kqfast.Loop and for kqfast.Server's protocol
+factories: kqfast's engine (records read and written in C through the interpreter's own
+OpenSSL, asyncio's SSLProtocol as the state machine), or where it cannot run, asyncio's own
+SSLProtocol over a core stream, with the reason.  (The native handlers' TLS needs no
+SSLProtocol: they serve it wherever kqfast reaches the interpreter's OpenSSL.)"""
 
 
 def __getattr__(name: str) -> type[asyncio.AbstractEventLoopPolicy]:
