@@ -121,10 +121,11 @@ class Served(list):
         return self[0]
 
 
-async def tls_client(server, tls):
-    """A TLS client of server, which it verifies as localhost: (transport, Collect)."""
+async def tls_client(server, context, protocol=Collect):
+    """A TLS client of server with context, verifying it as localhost: (transport,
+    protocol)."""
     return await asyncio.get_running_loop().create_connection(
-        Collect, *server.sockets[0].getsockname(), ssl=tls[1], server_hostname="localhost")
+        protocol, *server.sockets[0].getsockname(), ssl=context, server_hostname="localhost")
 
 
 async def close_all(transport, client, server):
@@ -159,7 +160,7 @@ def test_records_are_read_and_written_by_the_core(tls):
 
     async def main():
         server, served = await tls_echo_server(tls)
-        transport, client = await tls_client(server, tls)
+        transport, client = await tls_client(server, tls[1])
         transport.write(b"x")  # a first round trip: both handshakes are over
         await client.wait(1)
         spy(transport.get_extra_info("ssl_object"))
@@ -191,9 +192,7 @@ def test_echo_over_tcp_and_unix(tls, tmp_path, size):
                     Collect, path, ssl=tls[1], server_hostname="localhost")
             else:
                 server, _ = await tls_echo_server(tls)
-                transport, client = await loop.create_connection(
-                    Collect, *server.sockets[0].getsockname(), ssl=tls[1],
-                    server_hostname="localhost")
+                transport, client = await tls_client(server, tls[1])
             transport.write(payload)
             await client.wait(size)
             transport.close()
@@ -222,7 +221,7 @@ def test_a_tls_server_accepts_in_c_without_a_task_per_connection(tls):
     async def main():
         loop = asyncio.get_running_loop()
         server = await loop.create_server(Watch, "127.0.0.1", 0, ssl=tls[0])
-        transport, client = await tls_client(server, tls)
+        transport, client = await tls_client(server, tls[1])
         transport.write(b"ping")
         await client.wait(4)
         await close_all(transport, client, server)
@@ -316,10 +315,8 @@ def test_a_buffered_protocol_gets_the_plaintext(tls):
     payload = os.urandom(300000)
 
     async def main():
-        loop = asyncio.get_running_loop()
         server, _ = await tls_echo_server(tls)
-        transport, client = await loop.create_connection(
-            Buffered, *server.sockets[0].getsockname(), ssl=tls[1], server_hostname="localhost")
+        transport, client = await tls_client(server, tls[1], Buffered)
         transport.write(payload)
         await client.done
         transport.close()
@@ -346,7 +343,7 @@ def test_flow_control_is_asyncios(tls):
             writer.close()
 
         server = await asyncio.start_server(slow_reader, "127.0.0.1", 0, ssl=tls[0])
-        transport, client = await tls_client(server, tls)
+        transport, client = await tls_client(server, tls[1])
         for at in range(0, len(payload), 1 << 16):
             transport.write(payload[at:at + (1 << 16)])
         paused = list(client.events)
@@ -369,7 +366,7 @@ def test_plaintext_decrypted_before_a_pause_waits_for_the_resume(tls):
     async def main():
         loop = asyncio.get_running_loop()
         server, served = await tls_echo_server(tls)
-        transport, client = await tls_client(server, tls)
+        transport, client = await tls_client(server, tls[1])
         transport.write(b"first")
         await client.wait(5)
         served[0].transport.write(b"second")
@@ -390,7 +387,7 @@ def test_plaintext_decrypted_before_a_pause_waits_for_the_resume(tls):
 def test_close_notify_both_ways(tls, closer):
     async def main():
         server, served = await tls_echo_server(tls)
-        transport, client = await tls_client(server, tls)
+        transport, client = await tls_client(server, tls[1])
         transport.write(b"bye")
         await client.wait(3)
         (transport if closer == "client" else served[0].transport).close()
@@ -411,9 +408,7 @@ def test_a_failed_handshake_raises_what_asyncio_raises(tls):
     async def main():
         server, _ = await tls_echo_server(tls)
         try:
-            await asyncio.get_running_loop().create_connection(
-                Collect, *server.sockets[0].getsockname(), ssl=untrusting,
-                server_hostname="localhost")
+            await tls_client(server, untrusting)
         except ssl.SSLCertVerificationError as exc:
             return type(exc), exc.reason, exc.verify_code, exc.verify_message, str(exc)
         finally:
@@ -516,8 +511,7 @@ def test_a_reset_in_the_middle_ends_only_that_stream(tls, when):
         # Mid-handshake the app protocol was never connected: asyncio tells it nothing.
         exc = await protocol.lost if when == "mid-record" else None
         # The server serves on.
-        transport, client = await loop.create_connection(
-            Collect, *address, ssl=tls[1], server_hostname="localhost")
+        transport, client = await tls_client(server, tls[1])
         transport.write(b"still here")
         await client.wait(10)
         await close_all(transport, client, server)
@@ -533,11 +527,8 @@ def test_extra_info_is_asyncios(tls):
     client_ctx.set_alpn_protocols(["kq/1"])
 
     async def main():
-        loop = asyncio.get_running_loop()
         server, _ = await tls_echo_server(tls)
-        transport, client = await loop.create_connection(
-            Collect, *server.sockets[0].getsockname(), ssl=client_ctx,
-            server_hostname="localhost")
+        transport, client = await tls_client(server, client_ctx)
         sslobj = transport.get_extra_info("ssl_object")
         facts = (type(sslobj), sslobj.selected_alpn_protocol(), sslobj.version(),
                  sslobj.cipher(), sslobj.server_hostname, sslobj.getpeercert()["subjectAltName"],
@@ -570,7 +561,7 @@ def test_an_sni_callback_runs_during_the_handshake(tls):
     async def main():
         loop = asyncio.get_running_loop()
         server = await loop.create_server(Echo, "127.0.0.1", 0, ssl=server_ctx)
-        transport, client = await tls_client(server, tls)
+        transport, client = await tls_client(server, tls[1])
         transport.write(b"sni")
         await client.wait(3)
         await close_all(transport, client, server)
@@ -583,7 +574,7 @@ def test_an_sni_callback_runs_during_the_handshake(tls):
 def test_a_tls_transport_refuses_other_threads(tls):
     async def main():
         server, _ = await tls_echo_server(tls)
-        transport, client = await tls_client(server, tls)
+        transport, client = await tls_client(server, tls[1])
         errors = []
 
         def misuse():
